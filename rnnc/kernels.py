@@ -1,0 +1,214 @@
+"""NumPy helpers that op templates call; their source is copied into generated modules.
+
+Layout: a sequence is [T, B, *features], a per-sequence value [B, *features], a parameter
+[*features]. `M` is a [T, B] bool mask of valid steps, or None when every step is valid.
+Each helper works for any leading axes so the interpreter can call it one step at a time.
+"""
+
+import numpy as np
+
+
+def sigmoid(x):
+    # 0.5 * (1 + tanh(x / 2)) never overflows, unlike 1 / (1 + exp(-x))
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(x):
+    s = x - x.max(axis=-1, keepdims=True)
+    return s - np.log(np.exp(s).sum(axis=-1, keepdims=True))
+
+
+def step(x):
+    return (x > 0).astype(x.dtype)
+
+
+def elu(x, alpha):
+    return np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0)))
+
+
+def outer(g, x):
+    # sum over every leading (time, batch) axis of g ⊗ x: one GEMM
+    return g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+
+
+def reduce_to(a, keep):
+    # sum the leading axes so that `keep` trailing axes remain
+    return a.sum(axis=tuple(range(a.ndim - keep))) if a.ndim > keep else a
+
+
+def pad(g, start, n, axis):
+    shape = list(g.shape)
+    shape[axis] = n
+    out = np.zeros(shape, g.dtype)
+    index = [slice(None)] * g.ndim
+    index[axis] = slice(start, start + g.shape[axis])
+    out[tuple(index)] = g
+    return out
+
+
+def ce_logits(z, y):
+    # cross-entropy from logits, max-shifted log-sum-exp: no log(0), no overflow
+    m = z.max(axis=-1)
+    lse = m + np.log(np.exp(z - m[..., None]).sum(axis=-1))
+    return lse - np.take_along_axis(z, y[..., None], axis=-1)[..., 0]
+
+
+def ce_logits_d(z, y):
+    d = softmax(z)
+    np.put_along_axis(d, y[..., None], np.take_along_axis(d, y[..., None], -1) - 1, axis=-1)
+    return d
+
+
+def ce_probs(p, y):
+    q = np.take_along_axis(p, y[..., None], axis=-1)[..., 0]
+    return -np.log(np.maximum(q, np.finfo(p.dtype).tiny))
+
+
+def ce_probs_d(p, y):
+    d = np.zeros_like(p)
+    q = np.take_along_axis(p, y[..., None], axis=-1)
+    np.put_along_axis(d, y[..., None], -1 / np.maximum(q, np.finfo(p.dtype).tiny), axis=-1)
+    return d
+
+
+def onehot(i, n, dtype):
+    return (i[..., None] == np.arange(n)).astype(dtype)
+
+
+def loss_weights(shape, M, mode):
+    # the weight of each per-step, per-sequence loss in the total: 1/B, or 1/(B*L) for mean
+    w = np.full(shape, 1.0 / shape[-1])
+    if len(shape) == 2:
+        if M is not None:
+            w = w * M
+        if mode == "mean":
+            steps = M.sum(axis=0) if M is not None else np.full(shape[-1], shape[0])
+            w = w / np.maximum(steps, 1)
+    return w
+
+
+def loss_reduce(l, M, mode):
+    return (l * loss_weights(l.shape, M, mode)).sum().astype(l.dtype)
+
+
+def loss_spread(g, l, M, mode):
+    return (g * loss_weights(l.shape, M, mode)).astype(l.dtype)
+
+
+def loss_step(l, M, T, t, mode):
+    # one step's share of loss_reduce, for the unrolled reference
+    return (l * loss_weights((T,) + l.shape, M, mode)[t]).sum().astype(l.dtype)
+
+
+def loss_step_d(g, l, M, T, t, mode):
+    return (g * loss_weights((T,) + l.shape, M, mode)[t]).astype(l.dtype)
+
+
+def last_step(h, M):
+    if M is None:
+        return h[-1]
+    return h[M.sum(axis=0) - 1, np.arange(h.shape[1])]
+
+
+def on_last(g, h, M):
+    out = np.zeros_like(h)
+    if M is None:
+        out[-1] = g
+    else:
+        out[M.sum(axis=0) - 1, np.arange(h.shape[1])] = g
+    return out
+
+
+def on_first(g, h):
+    out = np.zeros_like(h)
+    out[0] = g
+    return out
+
+
+def on_first_T(v, T):
+    out = np.zeros((T,) + v.shape, v.dtype)
+    out[0] = v
+    return out
+
+
+def pairs(h):
+    n = h.shape[0] // 2 * 2
+    return np.concatenate((h[0:n:2], h[1:n:2]), axis=-1)
+
+
+def unpairs(g, h):
+    out = np.zeros_like(h)
+    k = h.shape[-1]
+    n = g.shape[0] * 2
+    out[0:n:2] = g[..., :k]
+    out[1:n:2] = g[..., k:]
+    return out
+
+
+def pairs_mask(M):
+    return None if M is None else M[1 : M.shape[0] // 2 * 2 : 2]
+
+
+def valid_pair(M, t, s):
+    # both the reading step t and the read step s are inside each sequence: [B] bool
+    T = M.shape[0]
+    if not 0 <= s < T:
+        return np.zeros(M.shape[1], bool)
+    return M[t] & M[s]
+
+
+def valid_shift(M, k):
+    # valid_pair for every t at once: [T, B] bool
+    T = M.shape[0]
+    out = np.zeros_like(M)
+    if k >= 0:
+        out[k:] = M[k:] & M[: T - k]
+    else:
+        out[: T + k] = M[: T + k] & M[-k:]
+    return out
+
+
+def edge_sum(c, k, M):
+    # the adjoint of an initial state read at delay k: the steps whose read fell outside
+    T = c.shape[0]
+    if M is None:
+        part = c[:k] if k > 0 else c[T + k :]
+        return part.sum(axis=0)
+    w = M & ~valid_shift(M, k)
+    return (c * w.reshape(w.shape + (1,) * (c.ndim - 2))).sum(axis=0)
+
+
+def select_valid(u, fill, M, t, s):
+    v = valid_pair(M, t, s)
+    return np.where(v.reshape(v.shape + (1,) * (u.ndim - 1)), u, fill)
+
+
+def where_valid(g, M, t, s, inside):
+    v = valid_pair(M, t, s)
+    if not inside:
+        v = ~v
+    return g * v.reshape(v.shape + (1,) * (g.ndim - 1))
+
+
+def pick_last(hs, M):
+    return last_step(np.stack(hs), M)
+
+
+def at_last(g, M, T, t):
+    # g where step t is each sequence's last, else 0 (adjoint of pick_last)
+    last = np.full(g.shape[0], T - 1) if M is None else M.sum(axis=0) - 1
+    return g * (last == t).reshape((-1,) + (1,) * (g.ndim - 1))
+
+
+def sample(p, rng, temperature):
+    # draw one class per row from probabilities p, sharpened or flattened by temperature
+    logits = np.log(np.maximum(p, 1e-30)) / temperature
+    q = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    q = q / q.sum(axis=-1, keepdims=True)
+    u = rng.random(q.shape[:-1] + (1,))
+    return np.minimum((q.cumsum(axis=-1) < u).sum(axis=-1), q.shape[-1] - 1)

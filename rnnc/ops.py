@@ -1,0 +1,397 @@
+"""The op registry: each op's shape rule, level rule, VJP and NumPy lowering, in one entry.
+
+Every graph node names an op here. An entry holds:
+  shape(*operand_shapes, **attrs) -> shape | None   None: not enough known yet (shapes.py retries)
+  level(*operand_levels, **attrs) -> level           GLOBAL (no batch axis), STATIC (per sequence)
+                                                     or a time domain's name (per step)
+  vjp(g, y, *operands, **attrs) -> [cotangent | None per operand]
+                                  g, y and operands are graph.Sym handles whose operators add
+                                  nodes, so a gradient is a graph in the same IR
+  numpy: a template over operands {0} {1} ..., {args} (variadic), attrs by name, and the
+         context {M} (the step mask of the op's domain), {T}, {t}, {B}, {dt}, {rng}
+  cuda:  the same op as a CUDA C expression, for fused elementwise kernels (None: not fusable)
+Ops used only inside gradients have vjp=None with a comment: rnnc takes first derivatives.
+This module imports nothing from rnnc.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+GLOBAL, STATIC = "global", "static"
+Shape = tuple[int, ...]
+
+
+class ShapeError(Exception):
+    """Raised by a shape rule; shapes.py adds the location and the operands' origins."""
+
+
+def rank(level: str) -> int:
+    return 0 if level == GLOBAL else 1 if level == STATIC else 2
+
+
+def top_level(*levels: str, **attrs) -> str:
+    return max(levels, key=rank) if levels else GLOBAL
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    arity: int | None  # None: variadic
+    shape: Callable[..., Shape | None]
+    numpy: str
+    vjp: Callable[..., list[Any]] | None = None
+    level: Callable[..., str] = top_level
+    cuda: str | None = None
+    kind: str = "pointwise"  # 'pointwise' (per step) | 'collective' (whole sequence) | 'leaf'
+    domain: str = "real"  # where tests sample operands: real | positive | away0 | unit
+    smooth: bool = True  # False: a kink (relu); gradient checks sample away from it
+    int_out: bool = False  # the value is a class index, not a real vector
+    user: bool = True  # callable from a spec by its name
+    sep: str = ", "  # between variadic operands in {args}
+    attrs: dict[str, Any] = field(default_factory=dict)  # keyword arguments and defaults
+
+
+OPS: dict[str, Op] = {}
+
+
+def defop(name: str, arity: int | None, shape, numpy: str, **rules) -> Op:
+    """Register an op. Its rules may name only the attrs they use; the rest are not passed."""
+    shape = takes_attrs(shape)
+    for key in ("vjp", "level"):
+        if rules.get(key) is not None:
+            rules[key] = takes_attrs(rules[key])
+    OPS[name] = op = Op(name, arity, shape, numpy, **rules)
+    return op
+
+
+def takes_attrs(fn: Callable) -> Callable:
+    """Wrap a rule so that it is passed only the keyword attrs its signature names."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return fn
+    names = {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY or p.default is not p.empty}
+    names |= {k for k, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD}
+
+    @functools.wraps(fn)
+    def rule(*args, **attrs):
+        return fn(*args, **{k: v for k, v in attrs.items() if k in names})
+
+    return rule
+
+
+# ----- Shape rules -----
+
+
+def same(*shapes: Shape | None) -> Shape | None:
+    """Elementwise: equal shapes; a feature scalar () broadcasts against any vector."""
+    known = [s for s in shapes if s is not None]
+    big = {s for s in known if s != ()}
+    if len(big) > 1:
+        raise ShapeError("shapes differ: " + " vs ".join(fmt_shape(s) for s in known))
+    if big:
+        return big.pop()
+    return () if len(known) == len(shapes) else None
+
+
+def vector(s: Shape | None) -> Shape | None:
+    if s is not None and len(s) != 1:
+        raise ShapeError(f"expects a vector, got {fmt_shape(s)}")
+    return s
+
+
+def to_scalar(*shapes: Shape | None) -> Shape | None:
+    return ()
+
+
+def matvec(w: Shape | None, x: Shape | None) -> Shape | None:
+    if w is None:
+        return None
+    if len(w) != 2:
+        raise ShapeError(f"the left side of @ must be a matrix, got {fmt_shape(w)}")
+    if x is not None:
+        if len(x) != 1:
+            raise ShapeError(f"the right side of @ must be a vector, got {fmt_shape(x)}")
+        if x[0] != w[1]:
+            raise ShapeError(
+                f"{fmt_shape(w)} @ {fmt_shape(x)}: the matrix has {w[1]} columns, "
+                f"the vector {x[0]} entries"
+            )
+    return (w[0],)
+
+
+def matvec_t(w: Shape | None, g: Shape | None) -> Shape | None:
+    return None if w is None else (w[1],)
+
+
+def outer_shape(a: Shape | None, b: Shape | None) -> Shape | None:
+    return None if a is None or b is None else (a[0], b[0])
+
+
+def concat_shape(*shapes: Shape | None, axis: int = -1) -> Shape | None:
+    if any(s is None for s in shapes):
+        return None
+    ranks = {len(s) for s in shapes}  # type: ignore[arg-type]
+    if ranks != {1} and ranks != {2}:
+        raise ShapeError("concat joins vectors: " + ", ".join(fmt_shape(s) for s in shapes))
+    first = list(shapes[0])  # type: ignore[arg-type]
+    for s in shapes[1:]:
+        for i, (a, b) in enumerate(zip(first, s, strict=True)):  # type: ignore[arg-type]
+            if i != axis % len(first) and a != b:
+                raise ShapeError("concat: shapes differ off the joined axis")
+    first[axis] = sum(s[axis] for s in shapes)  # type: ignore[index]
+    return tuple(first)
+
+
+def slice_shape(s: Shape | None, start: int = 0, stop: int = 0, axis: int = -1) -> Shape | None:
+    if s is None:
+        return None
+    n = s[axis]
+    if not 0 <= start < stop <= n:
+        raise ShapeError(f"slice [{start}:{stop}] is outside 0..{n} of {fmt_shape(s)}")
+    out = list(s)
+    out[axis] = stop - start
+    return tuple(out)
+
+
+def pad_shape(s: Shape | None, start: int = 0, n: int = 0, axis: int = -1) -> Shape | None:
+    if s is None:
+        return None
+    out = list(s)
+    out[axis] = n
+    return tuple(out)
+
+
+def first_shape(s: Shape | None, *rest: Shape | None, **attrs) -> Shape | None:
+    return s
+
+
+def pairs_shape(s: Shape | None) -> Shape | None:
+    return None if s is None else (2 * vector(s)[0],)  # type: ignore[index]
+
+
+def half_shape(g: Shape | None, h: Shape | None) -> Shape | None:
+    return h
+
+
+def class_loss(z: Shape | None, y: Shape | None) -> Shape | None:
+    if z is not None and y is not None and z != y:
+        raise ShapeError(f"{fmt_shape(z)} scores for {y[0]} classes")
+    vector(z)
+    return ()
+
+
+def grad_like(z: Shape | None, y: Shape | None) -> Shape | None:
+    return z
+
+
+def fmt_shape(s: Shape | None) -> str:
+    return "?" if s is None else "[" + ", ".join(map(str, s)) + "]" if s else "scalar"
+
+
+# ----- Level rules -----
+
+
+def to_global(*levels: str, **attrs) -> str:
+    return GLOBAL
+
+
+def to_static(*levels: str, **attrs) -> str:
+    return STATIC
+
+
+def like_second(*levels: str, **attrs) -> str:
+    return levels[1]
+
+
+def at_dom(*levels: str, **attrs) -> str:
+    return attrs["dom"]
+
+
+def per_sequence(*levels: str, **attrs) -> str:
+    return top_level(*levels, STATIC)
+
+
+def reduce_level(*levels: str, **attrs) -> str:
+    return attrs["level"]
+
+
+# ----- Leaves: values that come from outside the graph -----
+# Lowered by lower.py itself (params, inputs, targets); the templates here serve the interpreter.
+
+defop("param", 0, lambda **a: None, "params[{name!r}]", kind="leaf", level=to_global)
+defop("input", 0, lambda **a: None, "inputs[{name!r}]", kind="leaf", level=at_dom)
+defop("target", 0, lambda **a: None, "targets[{name!r}]", kind="leaf", level=at_dom)
+defop("state_init", 0, lambda **a: None, "state_init({state!r})", kind="leaf", level=to_static)
+defop("const", 0, lambda value=0.0, **a: (), "{value!r}", kind="leaf", level=to_global)
+defop("carry", 0, lambda **a: None, "carry[{state!r}][{s}]", kind="leaf", level=to_static)
+defop("zeros", 0, lambda shape=(), **a: tuple(shape), "np.zeros(({B},) + {shape!r}, {dt})",
+      kind="leaf", level=to_static)  # fmt: skip
+
+# ----- Elementwise -----
+
+defop("add", 2, same, "{0} + {1}", vjp=lambda g, y, a, b: [g, g], cuda="{0} + {1}")
+defop("sub", 2, same, "{0} - {1}", vjp=lambda g, y, a, b: [g, -g], cuda="{0} - {1}")
+defop("mul", 2, same, "{0} * {1}", vjp=lambda g, y, a, b: [g * b, g * a], cuda="{0} * {1}")
+defop("div", 2, same, "{0} / {1}", vjp=lambda g, y, a, b: [g / b, -(g * y) / b],
+      cuda="{0} / {1}", domain="away0")  # fmt: skip
+defop("neg", 1, same, "-{0}", vjp=lambda g, y, x: [-g], cuda="-{0}")
+defop("identity", 1, same, "{0}", vjp=lambda g, y, x: [g], cuda="{0}")
+defop("sum", None, same, "{args}", vjp=lambda g, y, *xs: [g] * len(xs), user=False, sep=" + ")
+defop("tanh", 1, same, "np.tanh({0})", vjp=lambda g, y, x: [g * (1 - y * y)], cuda="tanh({0})")
+defop("sigmoid", 1, same, "sigmoid({0})", vjp=lambda g, y, x: [g * y * (1 - y)],
+      cuda="(0.5 * (1 + tanh(0.5 * {0})))")  # fmt: skip
+defop("relu", 1, same, "np.maximum({0}, 0)", vjp=lambda g, y, x: [g * x.op("step")],
+      cuda="fmax({0}, 0.0)", smooth=False)  # fmt: skip
+defop("exp", 1, same, "np.exp({0})", vjp=lambda g, y, x: [g * y], cuda="exp({0})")
+defop("log", 1, same, "np.log({0})", vjp=lambda g, y, x: [g / x], cuda="log({0})",
+      domain="positive")  # fmt: skip
+defop("softplus", 1, same, "np.logaddexp({0}, 0)", vjp=lambda g, y, x: [g * x.op("sigmoid")],
+      cuda="(fmax({0}, 0.0) + log1p(exp(-fabs({0}))))")  # fmt: skip
+defop("elu", 1, same, "elu({0}, {alpha!r})", smooth=False, attrs={"alpha": 1.0},
+      vjp=lambda g, y, x, alpha: [g * x.op("elu_d", alpha=alpha)],
+      cuda="({0} > 0 ? {0} : {alpha!r} * expm1({0}))")  # fmt: skip
+defop("leaky_relu", 1, same, "np.where({0} > 0, {0}, {alpha!r} * {0})", smooth=False,
+      attrs={"alpha": 0.01}, vjp=lambda g, y, x, alpha: [g * x.op("leaky_d", alpha=alpha)],
+      cuda="({0} > 0 ? {0} : {alpha!r} * {0})")  # fmt: skip
+defop("hard_sigmoid", 1, same, "np.clip(0.2 * {0} + 0.5, 0, 1)", smooth=False,
+      vjp=lambda g, y, x: [g * x.op("hard_sigmoid_d")],
+      cuda="fmin(fmax(0.2 * {0} + 0.5, 0.0), 1.0)")  # fmt: skip
+# derivatives of the kinked activations (used only inside gradients)
+defop("step", 1, same, "step({0})", cuda="({0} > 0 ? 1.0 : 0.0)", user=False)
+defop("elu_d", 1, same, "np.where({0} > 0, 1, {alpha!r} * np.exp(np.minimum({0}, 0)))",
+      cuda="({0} > 0 ? 1.0 : {alpha!r} * exp({0}))", user=False)  # fmt: skip
+defop("leaky_d", 1, same, "np.where({0} > 0, 1, {alpha!r})", cuda="({0} > 0 ? 1.0 : {alpha!r})",
+      user=False)  # fmt: skip
+defop("hard_sigmoid_d", 1, same, "0.2 * (np.abs({0}) < 2.5)", cuda="(fabs({0}) < 2.5 ? 0.2 : 0.0)",
+      user=False)  # fmt: skip
+
+# ----- Over the feature axis -----
+
+defop("softmax", 1, vector, "softmax({0})",
+      vjp=lambda g, y, x: [y * (g - (g * y).op("sum_f"))])  # fmt: skip
+defop("log_softmax", 1, vector, "log_softmax({0})",
+      vjp=lambda g, y, x: [g - y.op("exp") * g.op("sum_f")])  # fmt: skip
+defop("sum_f", 1, to_scalar, "{0}.sum(axis=-1)", user=False)  # only in gradients (softmax)
+defop("concat", None, concat_shape, "np.concatenate(({args},), axis={axis})", attrs={"axis": -1},
+      vjp=lambda g, y, *xs, axis=-1: concat_vjp(g, xs, axis))  # fmt: skip
+defop("slice", 1, slice_shape, "{0}[..., {start}:{stop}]", user=False, attrs={"axis": -1},
+      vjp=lambda g, y, x, start, stop: [g.op("pad", start=start, n=x.shape[-1], axis=-1)])  # fmt: skip
+defop("slice_rows", 1, lambda s, start=0, stop=0, axis=-2: slice_shape(s, start, stop, -2),
+      "{0}[..., {start}:{stop}, :]", user=False, attrs={"axis": -2},
+      vjp=lambda g, y, x, start, stop: [g.op("pad", start=start, n=x.shape[-2], axis=-2)])  # fmt: skip
+defop("pad", 1, pad_shape, "pad({0}, {start}, {n}, {axis})", user=False,
+      vjp=lambda g, y, x, start, n, axis: [g.op("slice" if axis == -1 else "slice_rows",
+                                               start=start, stop=start + x.shape[axis])])  # fmt: skip
+
+
+def concat_vjp(g, xs, axis):
+    out, start = [], 0
+    for x in xs:
+        n = x.shape[axis]
+        out.append(g.op("slice" if axis == -1 else "slice_rows", start=start, stop=start + n))
+        start += n
+    return out
+
+
+# ----- Linear algebra -----
+
+defop("matmul", 2, matvec, "{1} @ {0}.T",
+      vjp=lambda g, y, w, x: [g.op("outer", x), w.op("matmul_t", g)])  # fmt: skip
+# matmul_t(W, g) = W^T g, and outer(g, x) = Σ over time and batch of g ⊗ x: only in gradients
+defop("matmul_t", 2, matvec_t, "{1} @ {0}", level=like_second, user=False)
+defop("outer", 2, outer_shape, "outer({0}, {1})", level=to_global, user=False)
+defop("reduce_to", 1, first_shape, "reduce_to({0}, {keep})", level=reduce_level, user=False)
+
+# ----- Losses (each reduced to one number: sum or mean over time, mean over the batch) -----
+
+defop("ce_logits", 2, class_loss, "ce_logits({0}, {1})", user=False,
+      vjp=lambda g, y, z, c: [g * z.op("ce_logits_d", c), None])  # fmt: skip
+defop("ce_logits_d", 2, grad_like, "ce_logits_d({0}, {1})", user=False)
+defop("ce_probs", 2, class_loss, "ce_probs({0}, {1})", user=False, domain="unit",
+      vjp=lambda g, y, p, c: [g * p.op("ce_probs_d", c), None])  # fmt: skip
+defop("ce_probs_d", 2, grad_like, "ce_probs_d({0}, {1})", user=False)
+defop("sqerr", 2, lambda a, b: same(a, b) and (), "((({0}) - ({1})) ** 2).mean(axis=-1)",
+      vjp=lambda g, y, a, b: sqerr_vjp(g, a, b), user=False)  # fmt: skip
+defop("loss_reduce", 1, to_scalar, "loss_reduce({0}, {M}, {mode!r})", level=to_global,
+      kind="collective", user=False,
+      vjp=lambda g, y, l, mode, dom: [g.op("loss_spread", l, mode=mode, dom=dom)])  # fmt: skip
+defop("loss_spread", 2, half_shape, "loss_spread({0}, {1}, {M}, {mode!r})", level=like_second,
+      kind="collective", user=False)  # fmt: skip
+
+
+def sqerr_vjp(g, a, b):
+    d = (a - b) * (2.0 / a.shape[-1])
+    return [g * d, -(g * d)]
+
+
+# ----- Time: whole-sequence ops -----
+# `dom` names the time domain an op produces or reads; the mask {M} is that domain's.
+
+defop("last", 1, first_shape, "last_step({0}, {M})", level=to_static, kind="collective",
+      vjp=lambda g, y, h, dom: [g.op("on_last", h, dom=dom)])  # fmt: skip
+defop("first", 1, first_shape, "{0}[0]", level=to_static, kind="collective",
+      vjp=lambda g, y, h, dom: [g.op("on_first", h, dom=dom)])  # fmt: skip
+defop("on_last", 2, half_shape, "on_last({0}, {1}, {M})", level=like_second, kind="collective",
+      vjp=lambda g, y, v, h, dom: [g.op("last", dom=dom), None], user=False)  # fmt: skip
+defop("on_first", 2, half_shape, "on_first({0}, {1})", level=like_second, kind="collective",
+      vjp=lambda g, y, v, h, dom: [g.op("first", dom=dom), None], user=False)  # fmt: skip
+# first(v) of a per-sequence v: v enters at step 0 only (image captioning)
+defop("impulse", 1, first_shape, "on_first_T({0}, {T})", level=at_dom, kind="collective",
+      vjp=lambda g, y, v, dom: [g.op("first", dom=dom)], user=False)  # fmt: skip
+defop("pairs", 1, pairs_shape, "pairs({0})", level=at_dom, kind="collective",
+      vjp=lambda g, y, h, dom: [g.op("unpairs", h)])  # fmt: skip
+defop("unpairs", 2, half_shape, "unpairs({0}, {1})", level=like_second, kind="collective",
+      user=False)  # fmt: skip
+defop("edge_sum", 1, first_shape, "edge_sum({0}, {k}, {M})", level=to_static,
+      kind="collective", user=False)  # adjoint of an initial state read at delay k  # fmt: skip
+
+# ----- The unrolled reference's forms of the time ops (unroll.py emits them per step) -----
+
+defop("loss_step", 1, to_scalar, "loss_step({0}, {M}, {T}, {t}, {mode!r})", level=to_global,
+      user=False,
+      vjp=lambda g, y, l, t, mode, dom: [g.op("loss_step_d", l, t=t, mode=mode, dom=dom)])  # fmt: skip
+defop("loss_step_d", 2, half_shape, "loss_step_d({0}, {1}, {M}, {T}, {t}, {mode!r})",
+      level=like_second, user=False)  # fmt: skip
+defop("select_valid", 2, same, "select_valid({0}, {1}, {M}, {t}, {s})", user=False,
+      vjp=lambda g, y, u, f, t, s, dom: [g.op("where_valid", t=t, s=s, inside=True, dom=dom),
+                                         g.op("where_valid", t=t, s=s, inside=False, dom=dom)])  # fmt: skip
+defop("where_valid", 1, same, "where_valid({0}, {M}, {t}, {s}, {inside})", user=False)
+defop("pick_last", None, same, "pick_last([{args}], {M})", level=to_static, user=False,
+      vjp=lambda g, y, *hs, dom: [g.op("at_last", t=t, dom=dom) for t in range(len(hs))])  # fmt: skip
+defop("at_last", 1, same, "at_last({0}, {M}, {T}, {t})", user=False)
+
+# ----- Sampling (generation only; not differentiable) -----
+
+defop("sample", 1, vector, "sample({0}, {rng}, temperature)", int_out=True)
+defop("onehot", 1, vector, "onehot({0}, {n}, {dt})")
+
+# Op names a spec may call, and the losses elaborate.py expands.
+LOSSES = ("cross_entropy", "mse")
+TIME_FUNCS = ("last", "first", "final", "pairs")
+USER_OPS = sorted(n for n, op in OPS.items() if op.user and op.kind != "leaf") + list(LOSSES)
+
+
+# ----- Rendering a template (the interpreter and lower.py share it) -----
+
+
+def operand_text(text: str, shape: Shape, level: str, out_shape: Shape) -> str:
+    """An operand as it must be written so NumPy broadcasting means what the op means.
+
+    A per-step or per-sequence feature scalar is an array [T, B] or [B]; against vectors it
+    needs a trailing axis. Parameters already align on trailing axes."""
+    if shape == () and out_shape != () and level != GLOBAL:
+        return f"{text}[..., None]"
+    return text
+
+
+def render(op: Op, args: list[str], attrs: dict[str, Any], ctx: dict[str, Any]) -> str:
+    """The op's NumPy text for operand texts `args`; ctx names M, T, t, B, dt, rng, n."""
+    fields = {**ctx, **attrs}
+    if op.arity is None:
+        fields["args"] = op.sep.join(args)
+    return op.numpy.format(*args, **fields)

@@ -1,0 +1,418 @@
+"""Text -> Program: the lark LALR parser, a transformer to syntax.py dataclasses, worded errors."""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+from lark import Lark, Token, Transformer_NonRecursive, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
+
+from . import syntax as S
+from .errors import RnncError, Span
+
+MAX_SOURCE = 1_000_000  # bytes; a spec is a page of equations
+MAX_NAME = 64
+MAX_DEPTH = 200  # expression nesting; deeper ones overflow recursive passes and CPython
+
+# Terminal names lark shows in `expected` sets, in words.
+WORDS = {
+    "NAME": "a name",
+    "INT": "a whole number",
+    "NUMBER": "a number",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "LSQB": "'['",
+    "RSQB": "']'",
+    "LBRACE": "'{'",
+    "RBRACE": "'}'",
+    "COMMA": "','",
+    "COLON": "':'",
+    "EQUAL": "'='",
+    "PLUS": "'+'",
+    "MINUS": "'-'",
+    "STAR": "'*'",
+    "SLASH": "'/'",
+    "AT": "'@'",
+    "$END": "the end of the file",
+}
+KEYWORDS = (
+    "model cell dim input target param generate bidirectional reverse stack sequence static "
+    "of class"
+).split()
+
+
+def word(terminal: str) -> str:
+    if terminal in WORDS:
+        return WORDS[terminal]
+    if terminal.lower() in KEYWORDS:
+        return f"'{terminal.lower()}'"
+    if terminal.startswith("__ANON") or terminal == "MINUS_ARROW":
+        return "'->'"
+    return terminal.lower()
+
+
+_comments: list[Token] = []  # filled by the lexer callback during one parse
+
+
+@functools.cache
+def parser() -> Lark:
+    """The LALR parser for grammars/rnn.lark, built once per process."""
+    grammar = resources.files("rnnc").joinpath("rnn.lark").read_text()
+    return Lark(
+        grammar,
+        parser="lalr",
+        propagate_positions=True,
+        maybe_placeholders=True,
+        lexer_callbacks={"COMMENT": _comments.append},
+    )
+
+
+def span_of(file: str, meta_or_tok) -> Span:
+    m = meta_or_tok
+    if getattr(m, "empty", False):
+        return Span(file)
+    return Span(file, m.line, m.column, m.end_line, m.end_column)
+
+
+@v_args(meta=True)
+class ToAst(Transformer_NonRecursive):
+    """One method per grammar alias; children are named, never indexed blindly."""
+
+    def __init__(self, file: str):
+        super().__init__()
+        self.file = file
+
+    def _s(self, meta) -> Span:
+        return span_of(self.file, meta)
+
+    def _name(self, tok: Token) -> str:
+        if len(tok) > MAX_NAME:
+            raise RnncError(
+                f"name is {len(tok)} characters long; the limit is {MAX_NAME}",
+                span_of(self.file, tok),
+                code="E105",
+            )
+        return str(tok)
+
+    # ----- program structure -----
+    def start(self, meta, items):
+        return tuple(items)
+
+    def model(self, meta, ch):
+        name, *body = ch
+        return S.Model(self._name(name), tuple(body), self._s(meta))
+
+    def cell(self, meta, ch):
+        name, *rest = ch
+        ports = [c for c in rest if isinstance(c, S.Port)]
+        body = tuple(c for c in rest if not isinstance(c, S.Port))
+        return S.Cell(self._name(name), tuple(ports[:-1]), ports[-1], body, self._s(meta))
+
+    def port(self, meta, ch):
+        name, dims = ch
+        return S.Port(self._name(name), dims, self._s(meta))
+
+    def dims(self, meta, ch):
+        return tuple(ch)
+
+    # ----- declarations -----
+    def dim_decl(self, meta, items):
+        return S.DimDecl(tuple(items), self._s(meta))
+
+    def dim_item(self, meta, ch):
+        name, default = ch
+        return S.DimItem(self._name(name), default, self._s(meta))
+
+    def input_decl(self, meta, ch):
+        name, dims, (kind, _) = ch
+        return S.InputDecl(self._name(name), dims, kind, self._s(meta))
+
+    def sequence(self, meta, ch):
+        return ("sequence", None)
+
+    def static(self, meta, ch):
+        return ("static", None)
+
+    def seq_class_target(self, meta, ch):
+        return ("sequence", ch[0])
+
+    def static_class_target(self, meta, ch):
+        return ("static", ch[0])
+
+    def target_decl(self, meta, ch):
+        name, dims, (kind, classes) = ch
+        if classes is not None and dims is not None:
+            raise RnncError(
+                "a class target has no feature shape: its size is the number of classes",
+                self._s(meta),
+                hint=f"write `target {name} : {kind} of class(K)`"
+                if kind == "sequence"
+                else f"write `target {name} : class(K)`",
+                code="E106",
+            )
+        if classes is None and dims is None:
+            raise RnncError(
+                f"target '{name}' needs a shape or a class count",
+                self._s(meta),
+                hint=f"write `target {name}[K] : {kind}` or `target {name} : {kind} of class(K)`",
+                code="E106",
+            )
+        return S.TargetDecl(self._name(name), dims, kind, classes, self._s(meta))
+
+    def param_decl(self, meta, items):
+        return S.ParamDecl(tuple(items), self._s(meta))
+
+    def param_item(self, meta, ch):
+        name, dims, init = ch
+        return S.ParamItem(self._name(name), dims, init, self._s(meta))
+
+    def init_const(self, meta, ch):
+        return S.Init("constant", (ch[0],), self._s(meta))
+
+    def init_named(self, meta, ch):
+        return S.Init(str(ch[0]), (), self._s(meta))
+
+    def init_call(self, meta, ch):
+        name, *args = ch
+        return S.Init(str(name), tuple(args), self._s(meta))
+
+    def signed(self, meta, ch):
+        return float(ch[0])
+
+    def negative(self, meta, ch):
+        return -float(ch[0])
+
+    def equation(self, meta, ch):
+        name, expr = ch
+        return S.Equation(self._name(name), expr, False, self._s(meta))
+
+    def generate(self, meta, ch):
+        name, expr = ch
+        return S.Equation(self._name(name), expr, True, self._s(meta))
+
+    # ----- dimension expressions -----
+    def dim_num(self, meta, ch):
+        return S.DNum(int(ch[0]), self._s(meta))
+
+    def dim_name(self, meta, ch):
+        return S.DName(self._name(ch[0]), self._s(meta))
+
+    def dim_add(self, meta, ch):
+        return S.DBin("+", ch[0], ch[1], self._s(meta))
+
+    def dim_sub(self, meta, ch):
+        return S.DBin("-", ch[0], ch[1], self._s(meta))
+
+    def dim_mul(self, meta, ch):
+        return S.DBin("*", ch[0], ch[1], self._s(meta))
+
+    # ----- expressions -----
+    def number(self, meta, ch):
+        return S.Num(float(ch[0]), self._s(meta))
+
+    def name(self, meta, ch):
+        return S.Name(self._name(ch[0]), self._s(meta))
+
+    def _bin(op):  # noqa: N805 - a method factory used in the class body
+        def rule(self, meta, ch):
+            return S.BinOp(op, ch[0], ch[1], self._s(meta))
+
+        return rule
+
+    add, sub, mul, div, matmul = _bin("+"), _bin("-"), _bin("*"), _bin("/"), _bin("@")
+
+    def neg(self, meta, ch):
+        return S.Neg(ch[0], self._s(meta))
+
+    def time_ref(self, meta, ch):
+        base, index = ch
+        span = self._s(meta)
+        delay = time_offset(index)
+        if delay is None:
+            raise RnncError(
+                "an index in brackets must be a time step: t, t-k or t+k",
+                index.span,
+                hint="to take features a to b, write a slice: z[a:b]",
+                code="E107",
+            )
+        if not isinstance(base, S.Name):
+            raise RnncError(
+                "only a named variable can be read at another time step",
+                span,
+                hint="give the expression a name first: `a = ...`, then use a[t-1]",
+                code="E107",
+            )
+        return S.TimeRef(base.name, delay, span)
+
+    def slice(self, meta, ch):
+        base, start, stop = ch
+        return S.Slice(base, start, stop, self._s(meta))
+
+    def call(self, meta, ch):
+        mods = tuple(c for c in ch if isinstance(c, S.Modifier))
+        rest = [c for c in ch if not isinstance(c, S.Modifier)]
+        fn, *args = rest
+        pos = tuple(a[1] for a in args if a is not None and a[0] is None)
+        kws = tuple(a for a in args if a is not None and a[0] is not None)
+        seen = [k for k, _ in kws]
+        first_kw = next((i for i, a in enumerate(args) if a is not None and a[0] is not None), None)
+        if first_kw is not None and any(a is not None and a[0] is None for a in args[first_kw:]):
+            raise RnncError(
+                "a positional argument follows a keyword argument",
+                self._s(meta),
+                hint="put arguments like x first, keywords like H=64 after them",
+                code="E108",
+            )
+        dup = {k for k in seen if seen.count(k) > 1}
+        if dup:
+            raise RnncError(
+                f"keyword '{sorted(dup)[0]}' is given twice", self._s(meta), code="E108"
+            )
+        return S.Call(self._name(fn), pos, kws, mods, self._s(meta))
+
+    def pos_arg(self, meta, ch):
+        return (None, ch[0])
+
+    def kw_arg(self, meta, ch):
+        return (self._name(ch[0]), ch[1])
+
+    def bidirectional(self, meta, ch):
+        merge = str(ch[0]) if ch[0] is not None else None
+        return S.Modifier("bidirectional", merge, self._s(meta))
+
+    def reverse(self, meta, ch):
+        return S.Modifier("reverse", None, self._s(meta))
+
+    def stack(self, meta, ch):
+        return S.Modifier("stack", int(ch[0]), self._s(meta))
+
+
+def time_offset(index: S.DimExpr) -> int | None:
+    """t -> 0, t-k -> k, t+k -> -k; anything else is not a time index."""
+    match index:
+        case S.DName("t"):
+            return 0
+        case S.DBin("-", S.DName("t"), S.DNum(k)):
+            return k
+        case S.DBin("+", S.DName("t"), S.DNum(k)):
+            return -k
+    return None
+
+
+def parse(text: str, file: str = "<spec>") -> S.Program:
+    """Parse a whole .rnn file; any mistake raises RnncError with its location."""
+    if len(text) > MAX_SOURCE:
+        raise RnncError(
+            f"spec is {len(text)} bytes; the limit is {MAX_SOURCE}", Span(file), code="E100"
+        )
+    _comments.clear()
+    try:
+        tree = parser().parse(text)
+    except UnexpectedInput as u:
+        raise syntax_error(u, text, file) from None
+    comments = tuple((c.line, c.column, str(c).rstrip()) for c in _comments)
+    try:
+        items = ToAst(file).transform(tree)
+    except VisitError as e:
+        raise e.orig_exc from None
+    program = S.Program(items, file, text, comments)
+    check_depth(program, file)
+    return program
+
+
+def syntax_error(u: UnexpectedInput, text: str, file: str) -> RnncError:
+    """Turn lark's exception into one worded, located error."""
+    if isinstance(u, UnexpectedCharacters):
+        ch = text[u.pos_in_stream] if u.pos_in_stream < len(text) else "?"
+        hint = None
+        if ch == ";":
+            hint = "statements need no ';': put each on its own line"
+        elif ch in "{}" and False:
+            hint = None
+        elif ch == "^":
+            hint = "there is no power operator; write x * x"
+        return RnncError(
+            f"unexpected character {ch!r}",
+            Span(file, u.line, u.column, u.line, u.column + 1),
+            hint=hint,
+            code="E101",
+        )
+    tok = getattr(u, "token", None)
+    expected = sorted({word(t) for t in getattr(u, "expected", set()) or set()})
+    if isinstance(u, UnexpectedEOF) or (tok is not None and tok.type == "$END"):
+        line, col = end_position(text)
+        msg = "unexpected end of file"
+        if expected:
+            msg += f"; expected {join_words(expected)}"
+        hint = "a '{' is not closed" if text.count("{") > text.count("}") else None
+        return RnncError(msg, Span(file, line, col, line, col + 1), hint=hint, code="E102")
+    assert tok is not None
+    what = f"'{tok}'" if tok.type not in ("NAME", "NUMBER", "INT") else f"{word(tok.type)} '{tok}'"
+    if tok.type.lower() in KEYWORDS or str(tok) in KEYWORDS:
+        what = f"keyword '{tok}'"
+    msg = f"unexpected {what}"
+    if expected:
+        msg += f"; expected {join_words(expected)}"
+    end = tok.end_column if tok.end_column else u.column + len(str(tok))
+    return RnncError(
+        msg, Span(file, u.line, u.column, u.line, end), hint=token_hint(tok, expected), code="E103"
+    )
+
+
+def token_hint(tok: Token, expected: list[str]) -> str | None:
+    if str(tok) in KEYWORDS and "a name" in expected:
+        return f"'{tok}' is a keyword; choose another name"
+    if str(tok) == "=" and "'=='" not in expected:
+        return "an equation is `name = expression`; the left side must be a single name"
+    if str(tok) == "(" and "'='" in expected:
+        return "a function call cannot stand alone; assign it: `name = f(...)`"
+    if tok.type == "NUMBER" and "a whole number" in expected:
+        return "dimensions, delays and slice bounds are whole numbers"
+    return None
+
+
+def join_words(words: list[str]) -> str:
+    if len(words) > 6:
+        words = words[:6] + ["..."]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def end_position(text: str) -> tuple[int, int]:
+    """Line and column just after the last non-blank character (where EOF errors point)."""
+    stripped = text.rstrip()
+    if not stripped:
+        return 1, 1
+    line = stripped.count("\n") + 1
+    col = len(stripped) - (stripped.rfind("\n") + 1) + 1
+    return line, col
+
+
+def check_depth(program: S.Program, file: str) -> None:
+    """Refuse expressions nested deeper than MAX_DEPTH (iterative walk: no recursion here)."""
+    for item in program.items:
+        for stmt in item.body:
+            if not isinstance(stmt, S.Equation):
+                continue
+            stack = [(stmt.expr, 1)]
+            while stack:
+                e, d = stack.pop()
+                if d > MAX_DEPTH:
+                    raise RnncError(
+                        f"expression nested more than {MAX_DEPTH} levels deep",
+                        getattr(e, "span", stmt.span),
+                        hint="split it into several named equations",
+                        code="E104",
+                    )
+                stack.extend((c, d + 1) for c in children(e))
+
+
+def children(e: S.Expr) -> tuple[S.Expr, ...]:
+    match e:
+        case S.BinOp(_, lhs, rhs):
+            return (lhs, rhs)
+        case S.Neg(x) | S.Slice(x, _, _):
+            return (x,)
+        case S.Call(_, args, kwargs):
+            return args + tuple(v for _, v in kwargs)
+    return ()

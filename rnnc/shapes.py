@@ -1,0 +1,424 @@
+"""Graph, dims -> Graph with every node's `shape` and `level` set: symbolic dims solved,
+time domains unified; a mismatch is a located error naming both sides."""
+
+from __future__ import annotations
+
+from . import syntax as S
+from .errors import RnncError, Span, UsageError
+from .graph import Graph, init_of, is_seq, label, operands, order
+from .ops import GLOBAL, OPS, STATIC, ShapeError, fmt_shape, rank
+
+
+class Domains:
+    """Union-find over time domains: ops that combine sequences must share their steps."""
+
+    def __init__(self):
+        self.parent: dict[str, str] = {}
+        self.halves: dict[str, str] = {}  # root -> the domain pairs() of it makes
+        self.base: dict[str, str] = {}  # a halved domain -> what it halves
+        self.fresh = 0
+
+    def add(self, d: str) -> str:
+        self.parent.setdefault(d, d)
+        return d
+
+    def find(self, d: str) -> str:
+        while self.parent[d] != d:
+            self.parent[d] = self.parent[self.parent[d]]
+            d = self.parent[d]
+        return d
+
+    def union(self, a: str, b: str) -> str:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            # keep the root named after an input if one side is
+            if ra.startswith("?") or (rb in self.base and ra not in self.base):
+                ra, rb = rb, ra
+            self.parent[rb] = ra
+        return ra
+
+    def new(self) -> str:
+        self.fresh += 1
+        return self.add(f"?{self.fresh}")
+
+    def halved(self, d: str) -> str:
+        r = self.find(d)
+        if r not in self.halves:
+            h = self.add(f"{r}/2")
+            self.halves[r] = h
+            self.base[h] = r
+        return self.find(self.halves[r])
+
+
+def eval_dim(d: S.DimExpr | None, env: dict[str, int]) -> int | None:
+    match d:
+        case S.DNum(v):
+            return v
+        case S.DName(n):
+            return env.get(n)
+        case S.DBin(op, a, b):
+            x, y = eval_dim(a, env), eval_dim(b, env)
+            if x is None or y is None:
+                return None
+            return x + y if op == "+" else x - y if op == "-" else x * y
+    return None
+
+
+def dim_text(d: S.DimExpr) -> str:
+    match d:
+        case S.DNum(v):
+            return str(v)
+        case S.DName(n):
+            return n.rsplit(".", 1)[-1]
+        case S.DBin(op, a, b):
+            return f"{dim_text(a)}{op}{dim_text(b)}"
+    return "?"
+
+
+class ShapeSolver:
+    def __init__(self, g: Graph, dims: dict[str, int] | None):
+        self.g = g
+        self.file = g.graph["file"]
+        self.env: dict[str, int] = {}
+        self.dom = Domains()
+        self.bind_dims(dims or {})
+
+    def err(self, msg, span: Span, hint=None, code="E301"):
+        return RnncError(msg, span, hint, code)
+
+    # ----- dims -----
+    def bind_dims(self, overrides: dict[str, int]) -> None:
+        model_dims = self.g.graph["dims"]
+        for k in overrides:
+            if k not in model_dims:
+                raise UsageError(
+                    f"--dim {k}: the model has no dimension '{k}'",
+                    hint="its dimensions: " + (", ".join(model_dims) or "none"),
+                    code="E501",
+                )
+        for name, (default, span) in model_dims.items():
+            if name in overrides:
+                self.env[name] = overrides[name]
+            elif default is not None:
+                v = eval_dim(default, self.env)
+                if v is None:
+                    raise self.err(f"dimension '{name}' refers to a later dimension", span)
+                self.env[name] = v
+            else:
+                raise self.err(
+                    f"dimension '{name}' has no value",
+                    span,
+                    hint=f"give it a default (dim {name} = 64) or pass --dim {name}=64",
+                    code="E302",
+                )
+            if self.env[name] <= 0:
+                raise self.err(f"dimension '{name}' is {self.env[name]}; it must be > 0", span)
+        self.constraints()
+
+    def constraints(self) -> bool:
+        changed = False
+        for sym, expr, span in self.g.graph["dim_constraints"]:
+            v = eval_dim(expr, self.env)
+            if v is None:
+                continue
+            changed |= self.bind(sym, v, span, f"{dim_text(S.DName(sym))} = {dim_text(expr)}")
+        return changed
+
+    def bind(self, sym: str, v: int, span: Span, why: str) -> bool:
+        if v <= 0:
+            raise self.err(f"dimension {dim_text(S.DName(sym))} would be {v}", span, code="E303")
+        old = self.env.get(sym)
+        if old is None:
+            self.env[sym] = v
+            return True
+        if old != v:
+            raise self.err(
+                f"dimension {dim_text(S.DName(sym))} is {old} here but {v} from {why}",
+                span,
+                code="E303",
+            )
+        return False
+
+    def declared(self, n: int, shape) -> tuple | None:
+        """Match a node against its declared dims, binding those not known yet."""
+        d = self.g.nodes[n]
+        decl = d.get("declared")
+        if decl is None:
+            return shape
+        vals = [eval_dim(x, self.env) for x in decl]
+        if shape is not None:
+            if len(shape) != len(decl):
+                raise self.declared_error(n, shape)
+            for x, v, actual in zip(decl, vals, shape, strict=True):
+                if v is None and isinstance(x, S.DName):
+                    self.bind(x.name, actual, d["span"], f"the shape of {label(self.g, n)}")
+                elif v is not None and v != actual:
+                    raise self.declared_error(n, shape)
+            return shape
+        if all(v is not None for v in vals):
+            return tuple(vals)  # type: ignore[arg-type]
+        return None
+
+    def declared_error(self, n: int, shape) -> RnncError:
+        d = self.g.nodes[n]
+        decl = "[" + ", ".join(dim_text(x) for x in d["declared"]) + "]"
+        vals = [eval_dim(x, self.env) for x in d["declared"]]
+        known = "[" + ", ".join("?" if v is None else str(v) for v in vals) + "]"
+        return self.err(
+            f"'{label(self.g, n)}' is declared {decl} = {known} but is {fmt_shape(shape)}",
+            d["span"],
+            hint="the value flowing in has a different size than declared",
+            code="E304",
+        )
+
+    # ----- levels and time domains -----
+    def level_of(self, n: int) -> str | None:
+        lv = self.g.nodes[n]["level"]
+        if lv is None or not is_seq(lv):
+            return lv
+        return self.dom.find(lv)
+
+    def infer_level(self, n: int) -> str | None:
+        d = self.g.nodes[n]
+        op = d["op"]
+        if OPS[op].kind == "leaf":
+            if op in ("input", "target"):
+                lv = d["attrs"]["dom"]
+                return self.dom.add(lv) if lv != STATIC else STATIC
+            return OPS[op].level(**d["attrs"]) if op != "param" else GLOBAL
+        ins = operands(self.g, n)
+        levels = [self.level_of(u) for u, _ in ins]
+        seqs = [lv for lv in levels if lv is not None and is_seq(lv)]
+        if op in ("first", "last"):
+            if levels[0] is None:
+                return None
+            if not is_seq(levels[0]):
+                if op == "last":
+                    raise self.err(
+                        "last() needs a sequence; this value has one entry per sequence",
+                        d["span"], code="E403",
+                    )  # fmt: skip
+                d["op"] = "impulse"  # first(v) of a static v: v enters at the first step
+                d["attrs"]["dom"] = self.dom.new()
+                return d["attrs"]["dom"]
+            d["attrs"]["dom"] = levels[0]
+            return STATIC
+        if op == "impulse":
+            return self.dom.find(d["attrs"]["dom"])
+        if op == "pairs":
+            if levels[0] is None:
+                return None
+            if not is_seq(levels[0]):
+                raise self.err("pairs() needs a sequence", d["span"], code="E403")
+            d["attrs"]["dom"] = self.dom.halved(levels[0])
+            return d["attrs"]["dom"]
+        if len(seqs) > 1:
+            root = seqs[0]
+            for s in seqs[1:]:
+                root = self.dom.union(root, s)
+            seqs = [root]
+        if op == "loss_reduce":
+            if levels[0] is None:
+                return None
+            d["attrs"]["dom"] = levels[0] if is_seq(levels[0]) else None
+            return GLOBAL
+        if seqs:
+            return seqs[0]
+        if any(lv is None for lv in levels):
+            return None
+        return OPS[op].level(*levels, **d["attrs"])
+
+    # ----- the fixpoint -----
+    def run(self) -> Graph:
+        g = self.g
+        nodes = order(g)
+        for _ in range(len(nodes) + 2):
+            changed = self.constraints()
+            for n in nodes:
+                d = g.nodes[n]
+                if d["level"] is None or is_seq(d["level"]):
+                    lv = self.infer_level(n)
+                    if lv is not None and lv != d["level"]:
+                        d["level"], changed = lv, True
+                if d["shape"] is None:
+                    shape = self.infer_shape(n)
+                    if shape is not None:
+                        d["shape"], changed = shape, True
+                else:
+                    self.declared(n, d["shape"])
+            if not changed:
+                break
+        self.finish()
+        return g
+
+    def infer_shape(self, n: int):
+        d = self.g.nodes[n]
+        op = OPS[d["op"]]
+        if op.kind == "leaf":
+            if d["op"] == "state_init":
+                return None  # takes the shape of its state (set in finish)
+            if d["op"] == "const":
+                return ()
+            return self.declared(n, None)
+        ins = operands(self.g, n)
+        shapes = [self.g.nodes[u]["shape"] for u, _ in ins]
+        if "dimattrs" in d:
+            if shapes[0] is None:
+                return None
+            a, b = d["dimattrs"]
+            start = 0 if a is None else eval_dim(a, self.env)
+            stop = shapes[0][-1] if b is None else eval_dim(b, self.env)
+            if start is None or stop is None:
+                return None
+            d["attrs"]["start"], d["attrs"]["stop"] = start, stop
+        try:
+            shape = op.shape(*shapes, **d["attrs"])
+        except ShapeError as e:
+            raise self.shape_error(n, str(e)) from None
+        return self.declared(n, shape) if shape is not None else self.declared(n, None)
+
+    def shape_error(self, n: int, msg: str) -> RnncError:
+        g = self.g
+        parts = []
+        for u, _ in operands(g, n):
+            du = g.nodes[u]
+            where = du["span"]
+            what = du["name"] or describe(g, u)
+            parts.append(f"{what} is {fmt_shape(du['shape'])} ({where.file}:{where.line})")
+        return self.err(
+            f"{g.nodes[n]['op']}: {msg}",
+            g.nodes[n]["span"],
+            hint="; ".join(parts) if parts else None,
+            code="E301",
+        )
+
+    def finish(self) -> None:
+        g = self.g
+        for n in order(g):
+            d = g.nodes[n]
+            init = init_of(g, n)
+            if init is not None and g.nodes[init]["op"] == "state_init":
+                g.nodes[init]["shape"] = d["shape"]
+        for n, d in g.nodes(data=True):
+            if d["level"] is None or (is_seq(d["level"]) and self.dom.find(d["level"]).startswith("?")):
+                reads = [e["delay"] for _, _, e in g.out_edges(n, data=True) if e["delay"]]
+                raise self.err(
+                    f"cannot tell how many steps '{label(g, n)}' runs for"
+                    if reads or is_seq(d["level"]) else f"cannot tell whether '{label(g, n)}' is a sequence",
+                    d["span"],
+                    hint="a recurrence needs an input sequence (declared `: sequence`) among its "
+                    "operands to set its length",
+                    code="E404",
+                )  # fmt: skip
+            if d["shape"] is None:
+                raise self.err(
+                    f"cannot infer the shape of {label(g, n)}",
+                    d["span"],
+                    hint="declare the dimensions it depends on, or pass them as cell arguments",
+                    code="E305",
+                )
+        # canonical domain names, then a strict pass: every rule sees every shape
+        for n, d in g.nodes(data=True):
+            if is_seq(d["level"]):
+                d["level"] = self.dom.find(d["level"])
+            if "dom" in d["attrs"] and d["attrs"]["dom"] not in (None, STATIC) and d["op"] not in (
+                "input", "target"):  # fmt: skip
+                d["attrs"]["dom"] = self.dom.find(d["attrs"]["dom"])
+            if d["op"] in ("input", "target") and is_seq(d["level"]):
+                d["attrs"]["dom"] = d["level"]
+            if d["op"] == "onehot":
+                d["attrs"]["n"] = d["shape"][-1]
+        for n in g.nodes:
+            self.check_node(n)
+        g.graph["domains"] = self.domain_table()
+        g.graph["env"] = dict(self.env)
+
+    def check_node(self, n: int) -> None:
+        g, d = self.g, self.g.nodes[n]
+        op = OPS[d["op"]]
+        ins = operands(g, n)
+        if op.kind != "leaf":
+            try:
+                shape = op.shape(*(g.nodes[u]["shape"] for u, _ in ins), **d["attrs"])
+            except ShapeError as e:
+                raise self.shape_error(n, str(e)) from None
+            if shape != d["shape"]:
+                raise self.shape_error(n, f"{fmt_shape(shape)} vs {fmt_shape(d['shape'])}")
+            seqs = {g.nodes[u]["level"] for u, _ in ins if is_seq(g.nodes[u]["level"])}
+            if len(seqs) > 1 and d["op"] not in ("pairs",):
+                raise self.err(
+                    f"{d['op']} combines sequences of different lengths ({', '.join(sorted(seqs))})",
+                    d["span"],
+                    hint="use last(...) or final(...) to pass one sequence's end to another",
+                    code="E405",
+                )
+        for u, k in ins:
+            du = g.nodes[u]
+            if du["classes"] and d["op"] not in ("ce_logits", "ce_probs", "onehot"):
+                raise self.err(
+                    f"'{label(g, u)}' holds class labels, not numbers",
+                    d["span"],
+                    hint=f"use onehot({label(g, u)}) to turn labels into vectors",
+                    code="E306",
+                )
+            if k != 0 and not is_seq(du["level"]):
+                raise self.err(
+                    f"'{label(g, u)}' is read at a time offset but is not a sequence",
+                    d["span"],
+                    hint="only values that change from step to step can be read at t-k",
+                    code="E401",
+                )
+        if d["op"] in ("ce_logits", "ce_probs"):
+            if not g.nodes[ins[1][0]]["classes"]:
+                raise self.err(
+                    "cross_entropy needs class labels as its target",
+                    d["span"],
+                    hint="declare the target `: sequence of class(K)`; for real values use mse",
+                    code="E306",
+                )
+        init = init_of(g, n)
+        if init is not None:
+            di = g.nodes[init]
+            if di["shape"] != d["shape"]:
+                raise self.err(
+                    f"the initial value of '{label(g, n)}' is {fmt_shape(di['shape'])}, "
+                    f"the state is {fmt_shape(d['shape'])}",
+                    di["span"],
+                    code="E402",
+                )
+            if rank(di["level"]) > rank(STATIC):
+                raise self.err(
+                    f"the initial value of '{label(g, n)}' is a sequence",
+                    di["span"],
+                    hint="use final(e) or last(e) to start from one value per sequence",
+                    code="E402",
+                )
+
+    def domain_table(self) -> dict[str, dict]:
+        """For each time domain: the inputs and targets that carry its length, or what it halves."""
+        table: dict[str, dict] = {}
+        for n, d in self.g.nodes(data=True):
+            lv = d["level"]
+            if is_seq(lv):
+                entry = table.setdefault(lv, {"inputs": [], "halves": self.dom.base.get(lv)})
+                if d["op"] in ("input", "target"):
+                    entry["inputs"].append(d["attrs"]["name"])
+        for entry in table.values():
+            if entry["halves"] is not None:
+                entry["halves"] = self.dom.find(entry["halves"])
+        return table
+
+
+def describe(g: Graph, n: int) -> str:
+    d = g.nodes[n]
+    src = g.graph.get("source", "")
+    sp = d["span"]
+    lines = src.splitlines()
+    if sp.line and sp.line == sp.end_line and sp.line <= len(lines):
+        return lines[sp.line - 1][sp.col - 1 : sp.end_col - 1]
+    return d["op"]
+
+
+def infer_shapes(g: Graph, dims: dict[str, int] | None = None) -> Graph:
+    """Every node's shape and level, or a located error."""
+    return ShapeSolver(g, dims).run()
