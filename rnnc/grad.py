@@ -58,6 +58,7 @@ def grad(g: Graph, loss: int | None = None) -> Graph:
         ins = operands(g, v)
         if rule is None:
             raise RnncError(f"no VJP for '{d['op']}'", d["span"], code="E900")
+        first_new = g.graph["next_id"]
         cts = rule(Sym(g, dnode[v]), Sym(g, v), *(Sym(g, u, k) for u, k in ins), **d["attrs"])
         for (u, k), ct in zip(ins, cts, strict=True):
             if ct is None or u not in relevant:
@@ -68,6 +69,8 @@ def grad(g: Graph, loss: int | None = None) -> Graph:
             if k != 0 and init is not None and init in relevant:
                 es = ct.op("edge_sum", k=k, dom=g.nodes[u]["level"])
                 adj[init].append((es.node, 0))
+        for m in range(first_new, g.graph["next_id"]):  # the rule's nodes come from v's equation
+            g.nodes[m]["span"], g.nodes[m]["adjoint_of"] = d["span"], v
     for n, dn in dnode.items():
         contributions = adj[n] or [(add_op(g, "const", value=0.0), 0)]
         for pos, (c, k) in enumerate(contributions):

@@ -50,6 +50,7 @@ def context(g: Graph, n: int, t: Any = None) -> dict[str, Any]:
         "dt": "dt",
         "rng": "rng",
         "n": d["shape"][-1] if d["shape"] else 1,
+        "carried": "carry is not None",
     }
 
 

@@ -173,9 +173,11 @@ def valid_shift(M, k):
     return out
 
 
-def edge_sum(c, k, M):
+def edge_sum(c, k, M, carried=False):
     # the adjoint of an initial state read at delay k: the steps whose read fell outside
     T = c.shape[0]
+    if carried and k > 0:
+        return np.zeros(c.shape[1:], c.dtype)  # the carried-in state was read instead
     if M is None:
         part = c[:k] if k > 0 else c[T + k :]
         return part.sum(axis=0)
@@ -212,3 +214,58 @@ def sample(p, rng, temperature):
     q = q / q.sum(axis=-1, keepdims=True)
     u = rng.random(q.shape[:-1] + (1,))
     return np.minimum((q.cumsum(axis=-1) < u).sum(axis=-1), q.shape[-1] - 1)
+
+
+def pad_time(a, past, future, fill, carried=None):
+    # a [T, ...] with `past` rows of fill (or the carried-in state) before, `future` after
+    out = np.empty((past + a.shape[0] + future,) + a.shape[1:], a.dtype)
+    out[:past] = fill if carried is None else carried
+    out[past : past + a.shape[0]] = a
+    out[past + a.shape[0] :] = fill
+    return out
+
+
+def step_mask(lengths, name, T, B):
+    # [T, B] bool: step t of sequence b is inside its length; None when all are full
+    if lengths is None or name not in lengths:
+        return None
+    L = np.asarray(lengths[name])
+    if L.shape != (B,) or L.min() < 1 or L.max() > T:
+        raise ValueError(f"lengths[{name!r}] must hold {B} lengths in 1..{T}")
+    return np.arange(T)[:, None] < L[None, :]
+
+
+def hold_last(h, M):
+    # past each sequence's end, repeat its last valid step: states stop updating
+    if M is None:
+        return h
+    idx = np.minimum(np.arange(h.shape[0])[:, None], M.sum(axis=0)[None, :] - 1)
+    return h[idx, np.arange(h.shape[1])[None, :]]
+
+
+def initialize(rng, shape, kind, args):
+    # parameter initializers; a matrix defaults to glorot, a vector to zeros
+    if kind is None:
+        kind = "glorot" if len(shape) == 2 else "zeros"
+    if kind == "zeros":
+        return np.zeros(shape)
+    if kind == "constant":
+        return np.full(shape, args[0])
+    if kind == "uniform":
+        a, b = args if len(args) == 2 else (-args[0], args[0]) if args else (-0.1, 0.1)
+        return rng.uniform(a, b, shape)
+    if kind == "normal":
+        mean, std = args if len(args) == 2 else (0.0, args[0]) if args else (0.0, 0.01)
+        return rng.normal(mean, std, shape)
+    if kind in ("glorot", "xavier"):
+        fan_out, fan_in = shape if len(shape) == 2 else (shape[0], shape[0])
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        return rng.uniform(-limit, limit, shape)
+    if kind == "orthogonal":
+        if len(shape) != 2:
+            return rng.normal(0, 1, shape) / np.sqrt(shape[0])
+        a = rng.normal(0.0, 1.0, (max(shape), min(shape)))
+        q, r = np.linalg.qr(a)
+        q = q * np.sign(np.diag(r))
+        return q if shape[0] >= shape[1] else q.T
+    raise ValueError(f"unknown initializer {kind!r}")

@@ -53,6 +53,8 @@ class Op:
     int_out: bool = False  # the value is a class index, not a real vector
     user: bool = True  # callable from a spec by its name
     sep: str = ", "  # between variadic operands in {args}
+    prec: int = 9  # precedence of the rendered text (9: an atom or a call)
+    slots: tuple[int, ...] = ()  # the precedence each operand's text needs (default 0)
     attrs: dict[str, Any] = field(default_factory=dict)  # keyword arguments and defaults
 
 
@@ -234,14 +236,14 @@ defop("zeros", 0, lambda shape=(), **a: tuple(shape), "np.zeros(({B},) + {shape!
 
 # ----- Elementwise -----
 
-defop("add", 2, same, "{0} + {1}", vjp=lambda g, y, a, b: [g, g], cuda="{0} + {1}")
-defop("sub", 2, same, "{0} - {1}", vjp=lambda g, y, a, b: [g, -g], cuda="{0} - {1}")
-defop("mul", 2, same, "{0} * {1}", vjp=lambda g, y, a, b: [g * b, g * a], cuda="{0} * {1}")
-defop("div", 2, same, "{0} / {1}", vjp=lambda g, y, a, b: [g / b, -(g * y) / b],
+defop("add", 2, same, "{0} + {1}", prec=1, slots=(1, 2), vjp=lambda g, y, a, b: [g, g], cuda="{0} + {1}")
+defop("sub", 2, same, "{0} - {1}", prec=1, slots=(1, 2), vjp=lambda g, y, a, b: [g, -g], cuda="{0} - {1}")
+defop("mul", 2, same, "{0} * {1}", prec=2, slots=(2, 3), vjp=lambda g, y, a, b: [g * b, g * a], cuda="{0} * {1}")
+defop("div", 2, same, "{0} / {1}", prec=2, slots=(2, 3), vjp=lambda g, y, a, b: [g / b, -(g * y) / b],
       cuda="{0} / {1}", domain="away0")  # fmt: skip
-defop("neg", 1, same, "-{0}", vjp=lambda g, y, x: [-g], cuda="-{0}")
+defop("neg", 1, same, "-{0}", prec=4, slots=(4,), vjp=lambda g, y, x: [-g], cuda="-{0}")
 defop("identity", 1, same, "{0}", vjp=lambda g, y, x: [g], cuda="{0}")
-defop("sum", None, same, "{args}", vjp=lambda g, y, *xs: [g] * len(xs), user=False, sep=" + ")
+defop("sum", None, same, "{args}", prec=1, slots=(1, 2), vjp=lambda g, y, *xs: [g] * len(xs), user=False, sep=" + ")
 defop("tanh", 1, same, "np.tanh({0})", vjp=lambda g, y, x: [g * (1 - y * y)], cuda="tanh({0})")
 defop("sigmoid", 1, same, "sigmoid({0})", vjp=lambda g, y, x: [g * y * (1 - y)],
       cuda="(0.5 * (1 + tanh(0.5 * {0})))")  # fmt: skip
@@ -276,13 +278,13 @@ defop("softmax", 1, vector, "softmax({0})",
       vjp=lambda g, y, x: [y * (g - (g * y).op("sum_f"))])  # fmt: skip
 defop("log_softmax", 1, vector, "log_softmax({0})",
       vjp=lambda g, y, x: [g - y.op("exp") * g.op("sum_f")])  # fmt: skip
-defop("sum_f", 1, to_scalar, "{0}.sum(axis=-1)", user=False)  # only in gradients (softmax)
+defop("sum_f", 1, to_scalar, "{0}.sum(axis=-1)", slots=(9,), user=False)  # only in gradients (softmax)
 defop("concat", None, concat_shape, "np.concatenate(({args},), axis={axis})", attrs={"axis": -1},
       vjp=lambda g, y, *xs, axis=-1: concat_vjp(g, xs, axis))  # fmt: skip
-defop("slice", 1, slice_shape, "{0}[..., {start}:{stop}]", user=False, attrs={"axis": -1},
+defop("slice", 1, slice_shape, "{0}[..., {start}:{stop}]", slots=(9,), user=False, attrs={"axis": -1},
       vjp=lambda g, y, x, start, stop: [g.op("pad", start=start, n=x.shape[-1], axis=-1)])  # fmt: skip
 defop("slice_rows", 1, lambda s, start=0, stop=0, axis=-2: slice_shape(s, start, stop, -2),
-      "{0}[..., {start}:{stop}, :]", user=False, attrs={"axis": -2},
+      "{0}[..., {start}:{stop}, :]", slots=(9,), user=False, attrs={"axis": -2},
       vjp=lambda g, y, x, start, stop: [g.op("pad", start=start, n=x.shape[-2], axis=-2)])  # fmt: skip
 defop("pad", 1, pad_shape, "pad({0}, {start}, {n}, {axis})", user=False,
       vjp=lambda g, y, x, start, n, axis: [g.op("slice" if axis == -1 else "slice_rows",
@@ -300,10 +302,10 @@ def concat_vjp(g, xs, axis):
 
 # ----- Linear algebra -----
 
-defop("matmul", 2, matvec, "{1} @ {0}.T",
+defop("matmul", 2, matvec, "{1} @ {0}.T", prec=3, slots=(9, 3),
       vjp=lambda g, y, w, x: [g.op("outer", x), w.op("matmul_t", g)])  # fmt: skip
 # matmul_t(W, g) = W^T g, and outer(g, x) = Σ over time and batch of g ⊗ x: only in gradients
-defop("matmul_t", 2, matvec_t, "{1} @ {0}", level=like_second, user=False)
+defop("matmul_t", 2, matvec_t, "{1} @ {0}", prec=3, slots=(9, 3), level=like_second, user=False)
 defop("outer", 2, outer_shape, "outer({0}, {1})", level=to_global, user=False)
 defop("reduce_to", 1, first_shape, "reduce_to({0}, {keep})", level=reduce_level, user=False)
 
@@ -334,7 +336,7 @@ def sqerr_vjp(g, a, b):
 
 defop("last", 1, first_shape, "last_step({0}, {M})", level=to_static, kind="collective",
       vjp=lambda g, y, h, dom: [g.op("on_last", h, dom=dom)])  # fmt: skip
-defop("first", 1, first_shape, "{0}[0]", level=to_static, kind="collective",
+defop("first", 1, first_shape, "{0}[0]", slots=(9,), level=to_static, kind="collective",
       vjp=lambda g, y, h, dom: [g.op("on_first", h, dom=dom)])  # fmt: skip
 defop("on_last", 2, half_shape, "on_last({0}, {1}, {M})", level=like_second, kind="collective",
       vjp=lambda g, y, v, h, dom: [g.op("last", dom=dom), None], user=False)  # fmt: skip
@@ -347,7 +349,7 @@ defop("pairs", 1, pairs_shape, "pairs({0})", level=at_dom, kind="collective",
       vjp=lambda g, y, h, dom: [g.op("unpairs", h)])  # fmt: skip
 defop("unpairs", 2, half_shape, "unpairs({0}, {1})", level=like_second, kind="collective",
       user=False)  # fmt: skip
-defop("edge_sum", 1, first_shape, "edge_sum({0}, {k}, {M})", level=to_static,
+defop("edge_sum", 1, first_shape, "edge_sum({0}, {k}, {M}, {carried})", level=to_static,
       kind="collective", user=False)  # adjoint of an initial state read at delay k  # fmt: skip
 
 # ----- The unrolled reference's forms of the time ops (unroll.py emits them per step) -----
@@ -387,6 +389,13 @@ def operand_text(text: str, shape: Shape, level: str, out_shape: Shape) -> str:
     if shape == () and out_shape != () and level != GLOBAL:
         return f"{text}[..., None]"
     return text
+
+
+def slot_prec(op: Op, i: int) -> int:
+    """The precedence operand i's text needs inside op's template."""
+    if not op.slots:
+        return 0
+    return op.slots[min(i, len(op.slots) - 1)]
 
 
 def render(op: Op, args: list[str], attrs: dict[str, Any], ctx: dict[str, Any]) -> str:

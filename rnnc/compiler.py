@@ -1,0 +1,132 @@
+"""The pipeline in one place: parse -> elaborate -> shapes -> check -> optimize -> grad ->
+optimize -> schedule -> lower -> load. The Python API and the CLI call it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import networkx as nx
+
+from .check import check, require_loss
+from .elaborate import elaborate
+from .errors import RnncError, Span
+from .grad import grad
+from .graph import Graph
+from .load import load_source
+from .lower import lower
+from .parse import parse
+from .schedule import Plan, schedule
+from .shapes import infer_shapes
+from .syntax import Program
+
+
+def read_spec(path_or_text: str) -> tuple[str, str]:
+    """(text, file name): a path to a .rnn file, or the spec's text itself."""
+    if "\n" not in path_or_text and (path_or_text.endswith(".rnn") or os.path.exists(path_or_text)):
+        try:
+            with open(path_or_text, encoding="utf-8") as f:
+                return f.read(), path_or_text
+        except FileNotFoundError:
+            raise RnncError(f"no such file: {path_or_text}", code="E500") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise RnncError(f"cannot read {path_or_text}: {e}", code="E500") from None
+    return path_or_text, "<spec>"
+
+
+def front(text: str, file: str, dims: dict[str, int] | None = None, model: str | None = None):
+    """Parse, elaborate, infer shapes, check: the program and its checked graph."""
+    program = parse(text, file)
+    g = check(infer_shapes(elaborate(program, model), dims))
+    return program, g
+
+
+def forward_outputs(g: Graph) -> dict[str, int]:
+    """Named outputs that need no targets."""
+    targets = set(g.graph["targets"].values())
+    return {
+        k: n for k, n in g.graph["outputs"].items() if not (nx.ancestors(g, n) | {n}) & targets
+    }
+
+
+@dataclass
+class Model:
+    """A compiled model: the generated module's functions, and what made them."""
+
+    program: Program
+    graph: Graph
+    grad_graph: Graph | None
+    plans: dict[str, Plan]
+    source: str
+    module: ModuleType = field(repr=False)
+
+    def init_params(self, seed: int = 0, dtype: Any = None) -> dict:
+        import numpy as np
+
+        return self.module.init_params(seed, dtype or np.float32)
+
+    def forward(self, params, inputs, **kw):
+        return self.module.forward(params, inputs, **kw)
+
+    def loss(self, params, inputs, targets, **kw):
+        return self.module.loss(params, inputs, targets, **kw)
+
+    def loss_and_grads(self, params, inputs, targets, **kw):
+        if self.grad_graph is None:
+            require_loss(self.graph)
+        return self.module.loss_and_grads(params, inputs, targets, **kw)
+
+    @property
+    def params(self) -> dict:
+        return self.module.PARAMS
+
+    @property
+    def inputs(self) -> dict:
+        return self.module.INPUTS
+
+    @property
+    def targets(self) -> dict:
+        return self.module.TARGETS
+
+
+def plans_for(g: Graph, gg: Graph | None) -> dict[str, Plan]:
+    base = gg if gg is not None else g
+    plans = {"forward": schedule(base, forward_outputs(g))}
+    if g.graph.get("loss") is not None:
+        plans["loss"] = schedule(base, dict(g.graph["outputs"]))
+    if gg is not None:
+        wanted = {"loss": gg.graph["loss"]}
+        wanted.update({"d" + k: v for k, v in gg.graph["grads"].items()})
+        plans["loss_and_grads"] = schedule(gg, wanted)
+    return plans
+
+
+def compile_spec(
+    path_or_text: str,
+    target: str = "numpy",
+    dims: dict[str, int] | None = None,
+    model: str | None = None,
+    optimize: bool = True,
+) -> Model:
+    """Compile a spec (a path or its text) into a loaded model."""
+    if target not in ("numpy",):
+        raise RnncError(f"unknown target '{target}'", Span(), hint="targets: numpy", code="E502")
+    text, file = read_spec(path_or_text)
+    program, g = front(text, file, dims, model)
+    if optimize:
+        from .optimize import optimize as opt
+
+        g = opt(g)
+    gg = grad(g) if g.graph.get("loss") is not None else None
+    if gg is not None:
+        require_loss(g)
+        if optimize:
+            from .optimize import optimize as opt
+
+            gg = opt(gg)
+    plans = plans_for(g, gg)
+    source = lower(gg if gg is not None else g, plans, file)
+    module = load_source(source, "rnnc_" + g.graph["model"])
+    return Model(program, g, gg, plans, source, module)

@@ -1,0 +1,431 @@
+"""Plan -> Python source: a standalone, readable NumPy module (no rnnc import).
+
+Names come from the spec (`h1.fwd.c` -> `h1_fwd_c`), adjoints are `d<name>`, each statement
+sits under a comment quoting its equation, and single-use temporaries are inlined so that a
+step reads like the equation it came from.
+"""
+
+from __future__ import annotations
+
+import inspect
+import keyword
+import re
+from typing import Any
+
+from . import kernels
+from .graph import Graph, init_of, is_seq, operands
+from .interpret import context
+from .ops import GLOBAL, OPS, operand_text, render, slot_prec
+from .schedule import Loop, Once, Plan
+
+MAX_NAME = 24
+
+
+class Namer:
+    """One owner of Python names: spec names first, then names built from operands."""
+
+    def __init__(self, g: Graph):
+        self.g = g
+        self.names: dict[int, str] = {}
+        self.taken = set(dir(kernels)) | {"np", "params", "inputs", "targets", "lengths", "carry",
+                                          "dt", "B", "t", "rng", "out", "grads"}  # fmt: skip
+
+    def __call__(self, n: int) -> str:
+        if n not in self.names:
+            self.names[n] = self.fresh(self.base(n))
+        return self.names[n]
+
+    def base(self, n: int) -> str:
+        d = self.g.nodes[n]
+        if d["name"]:
+            return ident(d["name"])
+        adj = d.get("adjoint_of")
+        if adj is not None:
+            return "d" + self.base(adj)
+        op = d["op"]
+        if op == "matmul":
+            w, x = (self.base(u) for u, _ in operands(self.g, n))
+            if len(w) + len(x) <= 12:
+                return w + x
+        return op
+
+    def fresh(self, base: str) -> str:
+        base = base[:MAX_NAME]
+        if base in self.taken or keyword.iskeyword(base):
+            k = 2
+            while f"{base}{k}" in self.taken:
+                k += 1
+            base = f"{base}{k}"
+        self.taken.add(base)
+        return base
+
+
+def ident(name: str) -> str:
+    s = re.sub(r"\W", "_", name)
+    return s if s[:1].isalpha() or s[:1] == "_" else "v" + s
+
+
+def at(t: str, k: int) -> str:
+    return t if k == 0 else f"{t} + {k}" if k > 0 else f"{t} - {-k}"
+
+
+class Emitter:
+    def __init__(self, plan: Plan, namer: Namer, dims: dict[str, int]):
+        self.plan, self.g, self.name = plan, plan.graph, namer
+        self.loops = plan.loop_of()
+        self.inline = self.inlined()
+        self.lines: list[str] = []
+        self.src = self.g.graph.get("source", "").splitlines()
+
+    # ----- which nodes fold into their single consumer -----
+    def inlined(self) -> set[int]:
+        g, plan = self.g, self.plan
+        keep = {n for s in plan.steps for n in ([s.node] if isinstance(s, Once) else s.nodes)}
+        out = set()
+        for n in keep:
+            d = g.nodes[n]
+            if d["name"] or OPS[d["op"]].kind == "leaf" or n in plan.wanted.values():
+                continue
+            if n in plan.stored or plan.pads.get(n, (0, 0)) != (0, 0):
+                continue
+            edges = [(v, e) for _, v, e in g.out_edges(n, data=True) if v in keep]
+            if len(edges) != 1 or edges[0][1]["delay"] != 0 or edges[0][1]["pos"] == "init":
+                continue
+            if self.loops.get(n) != self.loops.get(edges[0][0]):
+                continue
+            out.add(n)
+        return out
+
+    # ----- expressions -----
+    def fill(self, u: int) -> str:
+        init = init_of(self.g, u)
+        return self.name(init) if init is not None else "0.0"
+
+    def seq_read(self, u: int, k: int, loop: Loop | None) -> str:
+        g = self.g
+        past, fut = self.plan.pads.get(u, (0, 0))
+        ctx = context(g, u)
+        T = ctx["T"]
+        name = self.name(u)
+        if loop is not None:
+            if self.loops.get(u) == id_of(self.plan, loop) and k == 0:
+                return name + "_t"
+            plain = f"{name}[{at('t', past - k)}]"
+            if k == 0:
+                return plain
+            V = f"V_{ctx['M'][2:]}_{k if k > 0 else 'm' + str(-k)}"
+            self.masks.add((ctx["M"], V, k))
+            nd = "[:, None]" * len(g.nodes[u]["shape"])
+            return f"({plain} if {V} is None else np.where({V}[t]{nd}, {plain}, {self.fill(u)}))"
+        if k == 0:
+            return name if (past, fut) == (0, 0) else f"{name}[{past}:{past} + {T}]"
+        lo = past - k
+        plain = f"{name}[{lo}:{lo} + {T}]"
+        V = f"V_{ctx['M'][2:]}_{k if k > 0 else 'm' + str(-k)}"
+        self.masks.add((ctx["M"], V, k))
+        nd = "[..., None]" * len(g.nodes[u]["shape"])
+        return f"({plain} if {V} is None else np.where({V}{nd}, {plain}, {self.fill(u)}))"
+
+    def operand(self, u: int, k: int, loop: Loop | None) -> tuple[str, int]:
+        """The text of operand u read at delay k, with its precedence."""
+        d = self.g.nodes[u]
+        if d["op"] == "const":
+            v = d["attrs"]["value"]
+            return repr(v), 9 if v >= 0 else 4
+        if u in self.inline:
+            return self.expr(u, loop), OPS[d["op"]].prec
+        if is_seq(d["level"]):
+            text = self.seq_read(u, k, loop)
+            return text, 9
+        return self.name(u), 9
+
+    def expr(self, n: int, loop: Loop | None) -> str:
+        g, d = self.g, self.g.nodes[n]
+        op = OPS[d["op"]]
+        args = []
+        for i, (u, k) in enumerate(operands(g, n)):
+            text, prec = self.operand(u, k, loop)
+            du = g.nodes[u]
+            bcast = operand_text(text, du["shape"], du["level"], d["shape"])
+            need = 9 if bcast != text else slot_prec(op, i)
+            if prec < need:
+                text = f"({text})"
+            args.append(operand_text(text, du["shape"], du["level"], d["shape"]))
+        ctx = context(g, n, "t")
+        return render(op, args, d["attrs"], ctx)
+
+    # ----- statements -----
+    def comment(self, n: int, indent: str, seen: set) -> None:
+        d = self.g.nodes[n]
+        sp = d["span"]
+        if not sp.line or sp.line > len(self.src):
+            return
+        key = (sp.line, "adjoint_of" in d)
+        if key in seen:
+            return
+        seen.add(key)
+        text = self.src[sp.line - 1].split("#")[0].strip()
+        what = "adjoint of: " if "adjoint_of" in d else ""
+        where = f"{sp.file.rsplit('/', 1)[-1]}:{sp.line}"
+        self.lines.append(f"{indent}# {what}{text}  ({where})")
+
+    def emit(self) -> list[str]:
+        self.masks: set[tuple[str, str, int]] = set()
+        body: list[str] = []
+        self.lines = body
+        seen: set = set()
+        for step in self.plan.steps:
+            if isinstance(step, Once):
+                n = step.node
+                if n in self.inline or OPS[self.g.nodes[n]["op"]].kind == "leaf":
+                    continue
+                self.comment(n, "    ", seen)
+                body.append(f"    {self.name(n)} = {self.padded(n, self.expr(n, None))}")
+            else:
+                self.loop(step, seen)
+        return body
+
+    def padded(self, n: int, text: str) -> str:
+        """A sequence read at t-k gets rows of its initial value around its T steps."""
+        past, fut = self.plan.pads.get(n, (0, 0))
+        if (past, fut) == (0, 0):
+            return text
+        carried = ""
+        if past and init_of(self.g, n) is not None:
+            key = self.g.nodes[n]["name"]
+            carried = f", None if carry is None else carry[{key!r}]"
+        return f"pad_time({text}, {past}, {fut}, {self.fill(n)}{carried})"
+
+    def loop(self, loop: Loop, seen: set) -> None:
+        g, out = self.g, self.lines
+        ctx = context(g, loop.nodes[0])
+        T = ctx["T"]
+        for n in loop.nodes:
+            if n not in self.plan.stored:
+                continue
+            past, fut = self.plan.pads.get(n, (0, 0))
+            d = g.nodes[n]
+            name = self.name(n)
+            shape = tuple(d["shape"])
+            out.append(f"    {name} = np.empty(({past} + {T} + {fut}, B) + {shape!r}, dt)")
+            if past:
+                fill = self.fill(n)
+                if init_of(g, n) is not None:
+                    key = d["name"]
+                    out.append(f"    {name}[:{past}] = {fill} if carry is None else carry[{key!r}]")
+                else:
+                    out.append(f"    {name}[:{past}] = {fill}")
+            if fut:
+                out.append(f"    {name}[{past} + {T}:] = {self.fill(n)}")
+        rng = f"range({T})" if loop.direction > 0 else f"range({T} - 1, -1, -1)"
+        out.append(f"    for t in {rng}:")
+        for n in loop.nodes:
+            if n in self.inline:
+                continue
+            self.comment(n, "        ", seen)
+            name = self.name(n)
+            out.append(f"        {name}_t = {self.expr(n, loop)}")
+            if n in self.plan.stored:
+                past = self.plan.pads.get(n, (0, 0))[0]
+                out.append(f"        {name}[{at('t', past)}] = {name}_t")
+
+
+def id_of(plan: Plan, loop: Loop) -> int:
+    return plan.steps.index(loop)
+
+
+# ----- the module -----
+
+HEADER = '''"""{model}: generated by rnnc from {file}. Do not edit; edit the spec.
+
+{spec}
+Layout: sequences are [T, B, features], per-sequence values [B, features], parameters as
+declared. Dims: {dims}.
+forward(params, inputs) -> outputs; loss(params, inputs, targets) -> outputs with "loss";
+loss_and_grads(params, inputs, targets) -> (loss, grads). Optional arguments:
+lengths={{domain: [B] ints}} for sequences shorter than T (losses and states stop at each
+length), carry=... the state carried in from a previous window (truncated BPTT; see
+return_carry). Initial states may be given as inputs["<state>.init"].
+"""'''
+
+
+def leaf_binding(g: Graph, n: int, name: str) -> str | None:
+    d = g.nodes[n]
+    op, key = d["op"], d["attrs"].get("name")
+    if op == "param":
+        return f"{name} = params[{key!r}]"
+    if op in ("input", "target"):
+        src = "inputs" if op == "input" else "targets"
+        cast = "" if d["classes"] else ", dt"
+        return f"{name} = np.asarray({src}[{key!r}]{cast})"
+    return None
+
+
+class Module:
+    """Assembles the functions of one compiled model into one source file."""
+
+    def __init__(self, g: Graph, plans: dict[str, Plan], spec_path: str):
+        self.g, self.plans, self.path = g, plans, spec_path
+        self.namer = Namer(g)
+
+    def function(self, fname: str, plan: Plan) -> list[str]:
+        g = self.g
+        em = Emitter(plan, self.namer, g.graph.get("env", {}))
+        body = em.emit()
+        used = {n for s in plan.steps for n in ([s.node] if isinstance(s, Once) else s.nodes)}
+        pro = ["    dt = np.result_type(*params.values()) if params else np.float64"]
+        leaves = sorted(n for n in used if OPS[g.nodes[n]["op"]].kind == "leaf")
+        for n in leaves:
+            b = leaf_binding(g, n, self.namer(n))
+            if b:
+                pro.append("    " + b)
+        doms = self.domains(plan, leaves)
+        pro += doms
+        for n in leaves:
+            d = g.nodes[n]
+            if d["op"] == "state_init":
+                v = self.namer(n)
+                pro.append(f"    {v} = inputs.get({d['name']!r})")
+                pro.append(f"    {v} = np.zeros((B,) + {tuple(d['shape'])!r}, dt) if {v} is None "
+                           f"else np.asarray({v}, dt)")  # fmt: skip
+        for M, V, k in sorted(em.masks):
+            pro.append(f"    {V} = None if {M} is None else valid_shift({M}, {k})")
+        args = {
+            "forward": "params, inputs, lengths=None, carry=None",
+            "loss": "params, inputs, targets, lengths=None, carry=None",
+            "loss_and_grads": "params, inputs, targets, lengths=None, carry=None, return_carry=False",
+        }[fname]
+        doc = {
+            "forward": "The named outputs of the model for `inputs`.",
+            "loss": "The named outputs and the loss.",
+            "loss_and_grads": "The loss and its gradient for every param, input and initial state.",
+        }[fname]
+        lines = [f"def {fname}({args}):", f'    """{doc}"""'] + pro + body
+        lines += self.returns(fname, plan, em)
+        return lines
+
+    def domains(self, plan: Plan, leaves: list[int]) -> list[str]:
+        g = self.g
+        out, bound = [], {}
+        for n in leaves:
+            d = g.nodes[n]
+            if d["op"] in ("input", "target") and is_seq(d["level"]):
+                bound.setdefault(d["level"], self.namer(n))
+        first_seq = next(iter(bound.values()), None)
+        if first_seq is not None:
+            out.append(f"    B = {first_seq}.shape[1]")
+        else:
+            stat = next((self.namer(n) for n in leaves if g.nodes[n]["op"] in ("input", "target")), None)
+            out.append(f"    B = {stat}.shape[0]" if stat else "    B = 1")
+        table = g.graph["domains"]
+        for dom in sorted(table, key=lambda x: x.count("/")):
+            ctx_names = context_names(dom)
+            base = table[dom]["halves"]
+            if base is not None:
+                bT, bM = context_names(base)
+                out.append(f"    {ctx_names[0]} = {bT} // 2")
+                out.append(f"    {ctx_names[1]} = pairs_mask({bM})")
+            elif dom in bound:
+                T, M = ctx_names
+                out.append(f"    {T} = {bound[dom]}.shape[0]")
+                out.append(f"    {M} = step_mask(lengths, {dom!r}, {T}, B)")
+            else:
+                T, M = ctx_names
+                out.append(f"    {T} = {M} = None")
+        return out
+
+    def returns(self, fname: str, plan: Plan, em: Emitter) -> list[str]:
+        g = self.g
+        out = []
+
+        def value(n: int) -> str:
+            d = g.nodes[n]
+            if is_seq(d["level"]):
+                M = context_names(d["level"])[1]
+                return f"hold_last({em.seq_read(n, 0, None)}, {M})"
+            return self.namer(n) if g.nodes[n]["op"] != "const" else repr(d["attrs"]["value"])
+
+        if fname in ("forward", "loss"):
+            items = [f"{k!r}: {value(n)}" for k, n in plan.wanted.items()]
+            out.append("    return {" + ", ".join(items) + "}")
+            return out
+        grads = g.graph["grads"]
+        items = []
+        for name, n in g.graph["params"].items():
+            dn = grads.get(name)
+            items.append(f"{name!r}: {value(dn) if dn is not None else 'np.zeros_like(' + self.namer(n) + ')'}")
+        for name in g.graph["inputs"]:
+            if name in grads:
+                items.append(f"{name!r}: {em.seq_read(grads[name], 0, None) if is_seq(g.nodes[grads[name]]['level']) else self.namer(grads[name])}")
+        for name, dn in grads.items():
+            if name.endswith(".init"):
+                items.append(f"{name!r}: {self.namer(dn)}")
+        out.append("    grads = {" + ", ".join(items) + "}")
+        out.append(f"    loss = float({value(plan.wanted['loss'])})")
+        carries = []
+        for n, (past, _) in sorted(plan.pads.items()):
+            if past and init_of(g, n) is not None and "adjoint_of" not in g.nodes[n]:
+                T = context_names(g.nodes[n]["level"])[0]
+                carries.append(f"{g.nodes[n]['name']!r}: {self.namer(n)}[{T}:{T} + {past}]")
+        out.append("    if return_carry:")
+        out.append("        return loss, grads, {" + ", ".join(carries) + "}")
+        out.append("    return loss, grads")
+        return out
+
+    def source(self) -> str:
+        g = self.g
+        env = g.graph.get("env", {})
+        dims = ", ".join(f"{k}={v}" for k, v in env.items() if "." not in k) or "none"
+        spec = "\n".join("    " + line for line in g.graph.get("source", "").splitlines())
+        header = HEADER.format(model=g.graph["model"], file=self.path, spec=spec, dims=dims)
+        funcs = []
+        for fname, plan in self.plans.items():
+            funcs.append("\n".join(self.function(fname, plan)))
+        params = {name: (tuple(g.nodes[n]["shape"]), *init_spec(g.nodes[n].get("init")))
+                  for name, n in g.graph["params"].items()}  # fmt: skip
+        meta = [f"PARAMS = {params!r}  # name: (shape, initializer, its arguments)"]
+        for kind in ("inputs", "targets"):
+            table = {name: (tuple(g.nodes[n]["shape"]), g.nodes[n]["level"], bool(g.nodes[n]["classes"]))
+                     for name, n in g.graph[kind].items()}  # fmt: skip
+            meta.append(f"{kind.upper()} = {table!r}  # name: (shape, time domain or 'static', labels?)")
+        body = "\n\n\n".join(funcs)
+        init = INIT_PARAMS
+        code = "\n".join(meta) + "\n\n\n" + init + "\n\n\n" + body + "\n"
+        helpers = used_helpers(code)
+        return f"{header}\n\nimport numpy as np\n\n\n{helpers}\n\n\n{code}"
+
+
+INIT_PARAMS = '''def init_params(seed=0, dtype=np.float32):
+    """Fresh parameters, reproducible from `seed`."""
+    rng = np.random.default_rng(seed)
+    return {k: initialize(rng, s, kind, a).astype(dtype) for k, (s, kind, a) in PARAMS.items()}'''
+
+
+def init_spec(init: Any) -> tuple[str | None, tuple]:
+    return (None, ()) if init is None else (init.kind, tuple(init.args))
+
+
+def context_names(dom: str) -> tuple[str, str]:
+    tag = "".join(c if c.isalnum() else "_" for c in dom)
+    return f"T_{tag}", f"M_{tag}"
+
+
+def used_helpers(code: str) -> str:
+    """The kernels.py functions the code calls (and those they call), in file order."""
+    funcs = {n: f for n, f in vars(kernels).items() if inspect.isfunction(f)}
+    need: set[str] = set()
+    todo = [n for n in funcs if re.search(rf"\b{n}\(", code)]
+    while todo:
+        n = todo.pop()
+        if n in need:
+            continue
+        need.add(n)
+        src = inspect.getsource(funcs[n])
+        todo += [m for m in funcs if m not in need and re.search(rf"\b{m}\(", src.split(":", 1)[1])]
+    order = sorted(need, key=lambda n: funcs[n].__code__.co_firstlineno)
+    return "\n\n".join(inspect.getsource(funcs[n]).rstrip() for n in order)
+
+
+def lower(g: Graph, plans: dict[str, Plan], spec_path: str = "<spec>") -> str:
+    """The standalone NumPy module for a model's plans."""
+    return Module(g, plans, spec_path).source()

@@ -1,0 +1,126 @@
+"""Graph -> Plan: strongly connected components of the delay graph become time loops (the
+direction from the sign of their delays); everything else runs once over the whole sequence,
+so input projections and weight gradients become single large matrix products."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from .errors import RnncError
+from .graph import Graph, is_seq, label
+from .ops import OPS
+
+
+@dataclass
+class Once:
+    node: int
+
+
+@dataclass
+class Loop:
+    dom: str
+    direction: int  # +1: t = 0..T-1; -1: t = T-1..0
+    nodes: list[int]  # in same-step dependency order
+
+
+@dataclass
+class Plan:
+    graph: Graph
+    steps: list[Once | Loop]
+    wanted: dict[str, int]  # result name -> node
+    pads: dict[int, tuple[int, int]] = field(default_factory=dict)  # node -> (past, future) rows
+    stored: set[int] = field(default_factory=set)  # loop nodes whose every step is kept
+
+    def loop_of(self) -> dict[int, int]:
+        return {n: i for i, s in enumerate(self.steps) if isinstance(s, Loop) for n in s.nodes}
+
+
+def needed(g: Graph, wanted: dict[str, int]) -> set[int]:
+    keep: set[int] = set()
+    for n in wanted.values():
+        keep |= nx.ancestors(g, n) | {n}
+    return keep
+
+
+def schedule(g: Graph, wanted: dict[str, int]) -> Plan:
+    """The steps that compute `wanted`, each node once, in an order that respects every edge."""
+    keep = needed(g, wanted)
+    sub = g.subgraph(keep)
+    cond = nx.condensation(sub)
+    comps = {c: sorted(cond.nodes[c]["members"]) for c in cond.nodes}
+    # forward work before adjoint work, each in creation order: readable and memory-friendly
+    topo = nx.lexicographical_topological_sort(cond, key=lambda c: min(comps[c]))
+    steps: list[Once | Loop] = []
+    for c in topo:
+        nodes = comps[c]
+        if len(nodes) == 1 and not sub.has_edge(nodes[0], nodes[0]):
+            steps.append(Once(nodes[0]))
+            continue
+        steps.append(make_loop(g, sub, nodes))
+    plan = Plan(g, steps, dict(wanted))
+    plan.pads = pads(g, keep)
+    loops = plan.loop_of()
+    for n, i in loops.items():
+        outside = any(
+            loops.get(v) != i or d["delay"] != 0 for _, v, d in sub.out_edges(n, data=True)
+        )
+        if outside or n in wanted.values() or plan.pads.get(n, (0, 0)) != (0, 0):
+            plan.stored.add(n)
+    return plan
+
+
+def make_loop(g: Graph, sub: Graph, nodes: list[int]) -> Loop:
+    comp = set(nodes)
+    delays = {d["delay"] for u, v, d in sub.edges(nodes, data=True) if v in comp and d["delay"]}
+    levels = {g.nodes[n]["level"] for n in nodes}
+    bad = [n for n in nodes if not is_seq(g.nodes[n]["level"]) or OPS[g.nodes[n]["op"]].kind != "pointwise"]
+    if bad or len(levels) != 1:
+        n = bad[0] if bad else nodes[0]
+        raise RnncError(
+            f"'{label(g, n)}' takes part in a recurrence but needs the whole sequence at once",
+            g.nodes[n]["span"],
+            hint="a step cannot depend on last(...), first(...) or a loss of its own recurrence",
+            code="E410",
+        )
+    if any(k > 0 for k in delays) and any(k < 0 for k in delays):
+        raise RnncError(
+            "a recurrence reads both earlier and later steps",
+            g.nodes[nodes[0]]["span"],
+            code="E407",
+        )
+    direction = -1 if any(k < 0 for k in delays) else 1
+    same = nx.DiGraph()
+    same.add_nodes_from(nodes)
+    same.add_edges_from(
+        (u, v) for u, v, d in sub.edges(nodes, data=True) if v in comp and d["delay"] == 0
+    )
+    body = list(nx.lexicographical_topological_sort(same))
+    return Loop(levels.pop(), direction, body)
+
+
+def pads(g: Graph, keep: set[int]) -> dict[int, tuple[int, int]]:
+    """Rows of initial (or final) values each sequence needs around its T steps."""
+    out: dict[int, tuple[int, int]] = {}
+    for u, v, d in g.edges(data=True):
+        k = d["delay"]
+        if k == 0 or u not in keep or v not in keep:
+            continue
+        past, fut = out.get(u, (0, 0))
+        out[u] = (max(past, k), fut) if k > 0 else (past, max(fut, -k))
+    return out
+
+
+def describe(plan: Plan) -> str:
+    """The plan as text: one line per step (for `rnnc compile --plan` and tests)."""
+    g = plan.graph
+    lines = []
+    for s in plan.steps:
+        if isinstance(s, Once):
+            lines.append(f"once {label(g, s.node)} = {g.nodes[s.node]['op']}")
+        else:
+            way = "forward" if s.direction > 0 else "backward"
+            names = ", ".join(label(g, n) for n in s.nodes)
+            lines.append(f"loop {way} over {s.dom}: {names}")
+    return "\n".join(lines)
