@@ -92,10 +92,10 @@ class Model:
 
 
 def plans_for(g: Graph, gg: Graph | None) -> dict[str, Plan]:
-    base = gg if gg is not None else g
-    plans = {"forward": schedule(base, forward_outputs(g))}
-    if g.graph.get("loss") is not None:
-        plans["loss"] = schedule(base, dict(g.graph["outputs"]))
+    base = gg if gg is not None else g  # one graph, so one set of names for every function
+    plans = {"forward": schedule(base, forward_outputs(base))}
+    if base.graph.get("loss") is not None:
+        plans["loss"] = schedule(base, dict(base.graph["outputs"]))
     if gg is not None:
         wanted = {"loss": gg.graph["loss"]}
         wanted.update({"d" + k: v for k, v in gg.graph["grads"].items()})

@@ -61,11 +61,13 @@ class Elaborator:
         self.deferred_inits: list[tuple[DirInstance, S.Expr, Scope, Span]] = []
         self.instances: dict[str, Instance] = {}
         self.used_prefixes: set[str] = set()
+        self.prefix = ""  # the cell instance being elaborated (pictures draw it as a cluster)
 
     # ----- nodes -----
     def mk(self, op: str, args: list[Ref], span: Span, name=None, **attrs) -> int:
         """A node whose operands may still be pending (equations not yet built)."""
         n = add_node(self.g, op, (), name, span, **attrs)
+        self.g.nodes[n]["scope"] = self.prefix
         for pos, a in enumerate(args):
             if a[0] == "pending":
                 _, ref_name, delay, scope = a
@@ -412,6 +414,13 @@ class Elaborator:
         return self.mk("add" if how == "sum" else "mul", refs, span)
 
     def cell_body(self, cell, prefix, reversed_, args, kwargs, outer: Scope, span) -> DirInstance:
+        saved, self.prefix = self.prefix, prefix
+        try:
+            return self.cell_scope(cell, prefix, reversed_, args, kwargs, outer, span)
+        finally:
+            self.prefix = saved
+
+    def cell_scope(self, cell, prefix, reversed_, args, kwargs, outer: Scope, span) -> DirInstance:
         scope = Scope(prefix, {}, {}, -1 if reversed_ else 1)
         local_dims = cell_dims(cell)
         for d in local_dims:

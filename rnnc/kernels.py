@@ -166,6 +166,8 @@ def valid_shift(M, k):
     # valid_pair for every t at once: [T, B] bool
     T = M.shape[0]
     out = np.zeros_like(M)
+    if abs(k) >= T:
+        return out  # every read falls outside the sequence
     if k >= 0:
         out[k:] = M[k:] & M[: T - k]
     else:
@@ -179,7 +181,7 @@ def edge_sum(c, k, M, carried=False):
     if carried and k > 0:
         return np.zeros(c.shape[1:], c.dtype)  # the carried-in state was read instead
     if M is None:
-        part = c[:k] if k > 0 else c[T + k :]
+        part = c[:k] if k > 0 else c[max(T + k, 0) :]
         return part.sum(axis=0)
     w = M & ~valid_shift(M, k)
     return (c * w.reshape(w.shape + (1,) * (c.ndim - 2))).sum(axis=0)

@@ -15,7 +15,7 @@ from typing import Any
 from . import kernels
 from .graph import Graph, init_of, is_seq, operands
 from .interpret import context
-from .ops import GLOBAL, OPS, operand_text, render, slot_prec
+from .ops import OPS, operand_text, render, slot_prec, slot_uses
 from .schedule import Loop, Once, Plan
 
 MAX_NAME = 24
@@ -91,7 +91,10 @@ class Emitter:
             edges = [(v, e) for _, v, e in g.out_edges(n, data=True) if v in keep]
             if len(edges) != 1 or edges[0][1]["delay"] != 0 or edges[0][1]["pos"] == "init":
                 continue
-            if self.loops.get(n) != self.loops.get(edges[0][0]):
+            consumer, e = edges[0]
+            if self.loops.get(n) != self.loops.get(consumer):
+                continue
+            if slot_uses(OPS[g.nodes[consumer]["op"]], e["pos"]) != 1:
                 continue
             out.add(n)
         return out
@@ -353,7 +356,8 @@ class Module:
         items = []
         for name, n in g.graph["params"].items():
             dn = grads.get(name)
-            items.append(f"{name!r}: {value(dn) if dn is not None else 'np.zeros_like(' + self.namer(n) + ')'}")
+            zero = f"np.zeros_like(params[{name!r}])"  # a param the loss does not depend on
+            items.append(f"{name!r}: {value(dn) if dn is not None else zero}")
         for name in g.graph["inputs"]:
             if name in grads:
                 items.append(f"{name!r}: {em.seq_read(grads[name], 0, None) if is_seq(g.nodes[grads[name]]['level']) else self.namer(grads[name])}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -392,10 +393,23 @@ def operand_text(text: str, shape: Shape, level: str, out_shape: Shape) -> str:
 
 
 def slot_prec(op: Op, i: int) -> int:
-    """The precedence operand i's text needs inside op's template."""
-    if not op.slots:
+    """The precedence operand i's text needs inside op's template: as declared in `slots`,
+    else 0 where {i} stands alone as a call argument, else 9 (an atom)."""
+    if op.slots:
+        return op.slots[min(i, len(op.slots) - 1)]
+    if op.arity is None:
         return 0
-    return op.slots[min(i, len(op.slots) - 1)]
+    spots = [m.start() for m in re.finditer(re.escape("{%d}" % i), op.numpy)]
+    alone = all(
+        re.search(r"[(,\[]\s*$", op.numpy[:at]) and re.match(r"\s*[,)\]]", op.numpy[at + 3 :])
+        for at in spots
+    )
+    return 0 if alone else 9
+
+
+def slot_uses(op: Op, i: int) -> int:
+    """How often operand i appears in the template (inlining it twice would compute it twice)."""
+    return 1 if op.arity is None else op.numpy.count("{%d}" % i)
 
 
 def render(op: Op, args: list[str], attrs: dict[str, Any], ctx: dict[str, Any]) -> str:

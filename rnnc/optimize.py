@@ -1,9 +1,328 @@
-"""Graph -> Graph: rewrite rules run to a fixpoint (placeholder until the rule table lands)."""
+"""Graph -> Graph: rewrite rules run to a fixpoint — identities, common subexpressions,
+constant folding, algebra, dead code — plus the two rules that matter for speed: hoisting
+the input half of `W @ concat(h[t-1], x)` out of the recurrence, and gate fusion."""
 
 from __future__ import annotations
 
-from .graph import Graph
+from collections.abc import Callable
+
+import networkx as nx
+import numpy as np
+
+from . import kernels
+from .graph import Graph, add_op, copy_graph, init_of, operands, set_init
+from .ops import GLOBAL, OPS, render
+
+TABLES = ("params", "inputs", "targets", "outputs", "grads", "adjoints")
 
 
-def optimize(g: Graph) -> Graph:
+# ----- graph surgery -----
+
+
+def replace(g: Graph, old: int, new: int) -> None:
+    """Every use of `old` (edges and the graph's tables) now reads `new`; `old` is removed."""
+    for _, v, d in list(g.out_edges(old, data=True)):
+        g.add_edge(new, v, **d)
+    for kind in TABLES:
+        table = g.graph.get(kind) or {}
+        for k, val in table.items():
+            if val == old:
+                table[k] = new
+            elif isinstance(val, list):
+                table[k] = [new if x == old else x for x in val]
+    if g.graph.get("loss") == old:
+        g.graph["loss"] = new
+    g.remove_node(old)
+
+
+def const_value(g: Graph, n: int) -> float | None:
+    d = g.nodes[n]
+    return d["attrs"]["value"] if d["op"] == "const" else None
+
+
+def is_const(g: Graph, n: int, value: float) -> bool:
+    return const_value(g, n) == value
+
+
+def same_shape_level(g: Graph, a: int, b: int) -> bool:
+    da, db = g.nodes[a], g.nodes[b]
+    return da["shape"] == db["shape"] and da["level"] == db["level"]
+
+
+def forward_into(g: Graph, n: int, x: int) -> bool:
+    """Fold n, which equals operand x at every step, into x: x takes n's name and initial value."""
+    if not same_shape_level(g, n, x):
+        return False
+    init_n, init_x = init_of(g, n), init_of(g, x)
+    if init_n is not None and init_x is not None and init_n != init_x:
+        return False
+    if OPS[g.nodes[x]["op"]].kind == "leaf" and (init_n is not None or g.nodes[n]["name"]):
+        return False
+    if init_n is not None:
+        set_init(g, x, init_n)
+    dn, dx = g.nodes[n], g.nodes[x]
+    if dn["name"] and not dx["name"]:
+        dx["name"] = dn["name"]
+    if "adjoint_of" in dn and "adjoint_of" not in dx:
+        dx["adjoint_of"] = dn["adjoint_of"]
+    replace(g, n, x)
+    return True
+
+
+# ----- the rules: each takes (g, n) and returns True if it rewrote -----
+
+
+def fold_identity(g: Graph, n: int) -> bool:
+    """identity(x) -> x; sum(x) -> x  (same step only: a delayed read keeps its own fill)"""
+    d = g.nodes[n]
+    ins = operands(g, n)
+    if d["op"] in ("identity", "sum") and len(ins) == 1 and ins[0][1] == 0:
+        return forward_into(g, n, ins[0][0])
+    return False
+
+
+def drop_zero_terms(g: Graph, n: int) -> bool:
+    """sum(x, 0, y) -> sum(x, y)"""
+    d = g.nodes[n]
+    if d["op"] != "sum":
+        return False
+    ins = operands(g, n)
+    keep = [(u, k) for u, k in ins if not is_const(g, u, 0.0)]
+    if len(keep) == len(ins) or not keep:
+        return False
+    rewire(g, n, keep)
+    return True
+
+
+def algebra(g: Graph, n: int) -> bool:
+    """x*1 -> x, 1*x -> x, x+0 -> x, 0+x -> x, x-0 -> x, x/1 -> x, -(-x) -> x"""
+    d = g.nodes[n]
+    ins = operands(g, n)
+    op = d["op"]
+    if op == "neg" and g.nodes[ins[0][0]]["op"] == "neg" and ins[0][1] == 0:
+        (inner, k), = operands(g, ins[0][0])  # fmt: skip
+        if k == 0:
+            return forward_into(g, n, inner)
+    if len(ins) != 2 or any(k for _, k in ins):
+        return False
+    (a, _), (b, _) = ins
+    unit = {"mul": 1.0, "div": 1.0, "add": 0.0, "sub": 0.0}.get(op)
+    if unit is None:
+        return False
+    if is_const(g, b, unit):
+        return forward_into(g, n, a)
+    if op in ("mul", "add") and is_const(g, a, unit):
+        return forward_into(g, n, b)
+    return False
+
+
+def fold_constants(g: Graph, n: int) -> bool:
+    """an op of constants -> its value"""
+    d = g.nodes[n]
+    op = OPS[d["op"]]
+    ins = operands(g, n)
+    if op.kind != "pointwise" or not ins or d["shape"] != ():
+        return False
+    vals = [const_value(g, u) for u, _ in ins]
+    if any(v is None for v in vals):
+        return False
+    text = render(op, [repr(v) for v in vals], d["attrs"], {})
+    ns = {k: getattr(kernels, k) for k in dir(kernels) if not k.startswith("_")}
+    value = float(eval(text, {**ns, "np": np}))  # noqa: S307 - our own template text
+    c = add_op(g, "const", value=value)
+    replace(g, n, c)
+    return True
+
+
+def rewire(g: Graph, n: int, ins: list[tuple[int, int]]) -> None:
+    for u, _, key, e in list(g.in_edges(n, keys=True, data=True)):
+        if e["pos"] != "init":
+            g.remove_edge(u, n, key)
+    for pos, (u, k) in enumerate(ins):
+        g.add_edge(u, n, pos=pos, delay=k)
+
+
+def pads_to_concat(g: Graph, n: int) -> bool:
+    """pad(a, 0, n) + pad(b, |a|, n) + ... tiling [0, n) -> concat(a, b, ...)  (fused gates' adjoint)"""
+    d = g.nodes[n]
+    if d["op"] not in ("sum", "add"):
+        return False
+    ins = operands(g, n)
+    if len(ins) < 2 or any(k for _, k in ins) or any(g.nodes[u]["op"] != "pad" for u, _ in ins):
+        return False
+    attrs = [g.nodes[u]["attrs"] for u, _ in ins]
+    axis = attrs[0]["axis"]
+    if any(a["axis"] != axis for a in attrs):
+        return False
+    parts = sorted((a["start"], operands(g, u)[0]) for a, (u, _) in zip(attrs, ins, strict=True))
+    at = 0
+    for start, (src, k) in parts:
+        if start != at or k:
+            return False
+        at += g.nodes[src]["shape"][axis]
+    if at != d["shape"][axis]:
+        return False
+    d["op"], d["attrs"] = "concat", {"axis": axis}
+    rewire(g, n, [src for _, src in parts])
+    return True
+
+
+RULES: list[Callable[[Graph, int], bool]] = [
+    fold_identity,
+    drop_zero_terms,
+    algebra,
+    fold_constants,
+    pads_to_concat,
+]
+
+
+# ----- whole-graph passes -----
+
+
+def cse(g: Graph) -> bool:
+    """Two nodes with the same op, attrs and operands are one."""
+    seen: dict[tuple, int] = {}
+    changed = False
+    for n in list(nx.topological_sort(same_step(g))):
+        if n not in g:
+            continue
+        d = g.nodes[n]
+        if OPS[d["op"]].kind == "leaf" and d["op"] != "const":
+            continue
+        key = (d["op"], repr(sorted(d["attrs"].items())), tuple(operands(g, n)), init_of(g, n),
+               d["shape"], d["level"])  # fmt: skip
+        other = seen.get(key)
+        if other is None:
+            seen[key] = n
+            continue
+        if d["name"] and g.nodes[other]["name"]:
+            continue  # two named variables stay two: they are what the user reads
+        if d["name"]:
+            g.nodes[other]["name"] = d["name"]
+        replace(g, n, other)
+        changed = True
+    return changed
+
+
+def same_step(g: Graph) -> nx.DiGraph:
+    s = nx.DiGraph()
+    s.add_nodes_from(g.nodes)
+    s.add_edges_from((u, v) for u, v, e in g.edges(data=True) if e["delay"] == 0)
+    return s
+
+
+def roots(g: Graph) -> set[int]:
+    keep: set[int] = set()
+    for kind in TABLES:
+        for v in (g.graph.get(kind) or {}).values():
+            keep |= set(v) if isinstance(v, list) else {v}
+    if g.graph.get("loss") is not None:
+        keep.add(g.graph["loss"])
+    return keep
+
+
+def dead_code(g: Graph) -> bool:
+    live = set()
+    for r in roots(g):
+        if r in g:
+            live |= nx.ancestors(g, r) | {r}
+    dead = [n for n in g.nodes if n not in live]
+    g.remove_nodes_from(dead)
+    return bool(dead)
+
+
+def in_loop(g: Graph) -> dict[int, int]:
+    """Node -> id of the recurrence (strongly connected component) it belongs to."""
+    out = {}
+    for i, comp in enumerate(nx.strongly_connected_components(g)):
+        if len(comp) > 1 or any(g.has_edge(n, n) for n in comp):
+            for n in comp:
+                out[n] = i
+    return out
+
+
+def split_concat_matmul(g: Graph) -> bool:
+    """W @ concat(h[t-1], x) -> W[:, :H] @ h[t-1] + W[:, H:] @ x when x is outside the loop,
+    so that the x half runs once over the whole sequence as one GEMM."""
+    loops = in_loop(g)
+    changed = False
+    for n in list(g.nodes):
+        d = g.nodes.get(n)
+        if d is None or d["op"] != "matmul":
+            continue
+        (w, kw), (z, kz) = operands(g, n)
+        if g.nodes[z]["op"] != "concat" or kz or g.nodes[w]["level"] != GLOBAL or init_of(g, z):
+            continue
+        parts = operands(g, z)
+        here = loops.get(n)
+        if here is None or all(loops.get(p) == here for p, _ in parts):
+            continue
+        start, terms = 0, []
+        for p, k in parts:
+            width = g.nodes[p]["shape"][0]
+            cols = add_op(g, "slice", [(w, kw)], span=d["span"], start=start, stop=start + width, axis=-1)
+            terms.append(add_op(g, "matmul", [(cols, 0), (p, k)], span=d["span"]))
+            start += width
+        total = terms[0]
+        for t in terms[1:]:
+            total = add_op(g, "add", [(total, 0), (t, 0)], span=d["span"])
+        g.nodes[total]["name"] = d["name"]
+        replace(g, n, total)
+        changed = True
+    return changed
+
+
+def fuse_gates(g: Graph) -> bool:
+    """W1 @ z, W2 @ z, ... (same operand z, same delay) -> one [W1; W2; ...] @ z, sliced after:
+    one GEMM per step instead of one per gate. The adjoint fuses too (pads_to_concat)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for n, d in g.nodes(data=True):
+        if d["op"] == "matmul":
+            (w, kw), (z, kz) = operands(g, n)
+            if g.nodes[w]["level"] == GLOBAL and kw == 0 and "adjoint_of" not in d:
+                groups.setdefault((z, kz), []).append(n)
+    changed = False
+    for (z, kz), mms in groups.items():
+        if len(mms) < 2:
+            continue
+        mms.sort()
+        ws = [operands(g, m)[0][0] for m in mms]
+        span = g.nodes[mms[0]]["span"]
+        stacked = add_op(g, "concat", [(w, 0) for w in ws], span=span, axis=-2)
+        fused = add_op(g, "matmul", [(stacked, 0), (z, kz)], span=span)
+        start = 0
+        for m in mms:
+            rows = g.nodes[m]["shape"][0]
+            part = add_op(g, "slice", [(fused, 0)], span=g.nodes[m]["span"], start=start,
+                          stop=start + rows, axis=-1)  # fmt: skip
+            g.nodes[part]["name"] = g.nodes[m]["name"]
+            replace(g, m, part)
+            start += rows
+        changed = True
+    return changed
+
+
+def simplify(g: Graph) -> None:
+    for _ in range(50):
+        changed = False
+        for n in list(g.nodes):
+            if n in g:
+                for rule in RULES:
+                    if n in g and rule(g, n):
+                        changed = True
+        changed |= cse(g)
+        changed |= dead_code(g)
+        if not changed:
+            return
+
+
+def optimize(g: Graph, fuse: bool = True) -> Graph:
+    """A simplified copy of g; with `fuse`, input projections hoisted and gates fused."""
+    g = copy_graph(g)
+    simplify(g)
+    if fuse and "grads" not in g.graph:
+        if split_concat_matmul(g):
+            simplify(g)
+        if fuse_gates(g):
+            simplify(g)
     return g

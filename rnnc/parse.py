@@ -367,6 +367,8 @@ def token_hint(tok: Token, expected: list[str]) -> str | None:
         return "an equation is `name = expression`; the left side must be a single name"
     if str(tok) == "(" and "'='" in expected:
         return "a function call cannot stand alone; assign it: `name = f(...)`"
+    if "')'" in expected and str(tok) in ("}", "=") or (str(tok) == "}" and "')'" in expected):
+        return "a '(' is not closed before this"
     if tok.type == "NUMBER" and "a whole number" in expected:
         return "dimensions, delays and slice bounds are whole numbers"
     return None

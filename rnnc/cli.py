@@ -1,0 +1,369 @@
+"""The `rnnc` command line: the only place that turns RnncError into a message and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import RnncError, UsageError, render
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own exit code 2, with our wording
+        self.print_usage(sys.stderr)
+        print(f"rnnc: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def dims_arg(items: Sequence[str] | None) -> dict[str, int]:
+    out = {}
+    for item in items or ():
+        name, eq, value = item.partition("=")
+        if not eq or not name.isidentifier() or not value.strip().isdigit() or int(value) <= 0:
+            raise UsageError(f"--dim {item}: write NAME=N with N a positive whole number", code="E501")
+        out[name] = int(value)
+    return out
+
+
+def source_of(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+# ----- commands -----
+
+
+def cmd_check(a) -> int:
+    from .check import require_loss
+    from .compiler import front, read_spec
+    from .schedule import Loop, schedule
+
+    text, file = read_spec(a.spec)
+    program, g = front(text, file, dims_arg(a.dim), a.model)
+    for w in g.graph["warnings"]:
+        print(render(w, text, "warning"), file=sys.stderr)
+    print(f"model {g.graph['model']} ({file}): ok")
+    for kind in ("inputs", "targets"):
+        for name, n in g.graph[kind].items():
+            d = g.nodes[n]
+            what = f"class({d['shape'][0]})" if d["classes"] else f"[{', '.join(map(str, d['shape']))}]"
+            per = "per step" if d["level"] not in ("static", "global") else "per sequence"
+            print(f"  {kind[:-1]:7s} {name:12s} {what:14s} {per}")
+    total = 0
+    for name, n in g.graph["params"].items():
+        shape = g.nodes[n]["shape"]
+        count = int(np.prod(shape)) if shape else 1
+        total += count
+        print(f"  param   {name:12s} [{', '.join(map(str, shape))}]{'':4s}{count:>10,d}")
+    print(f"  {total:,d} parameters")
+    plan = schedule(g, dict(g.graph["outputs"]))
+    for step in plan.steps:
+        if isinstance(step, Loop):
+            names = [g.nodes[n]["name"] for n in step.nodes if g.nodes[n]["name"]]
+            delays = sorted({e["delay"] for u, v, e in g.edges(step.nodes, data=True)
+                             if v in step.nodes and e["delay"]})  # fmt: skip
+            reads = ", ".join(f"t-{k}" if k > 0 else f"t+{-k}" for k in delays)
+            way = "forward" if step.direction > 0 else "backward"
+            print(f"  recurrence ({way} over {step.dom}, reads {reads}): {', '.join(names)}")
+    states = sorted({g.nodes[u]["name"] for u, _, e in g.edges(data=True) if e["delay"] and g.nodes[u]["name"]})
+    print(f"  states: {', '.join(states) or 'none'}")
+    if g.graph.get("loss") is None:
+        print("  no loss: forward only (add `loss = ...` to train)")
+    else:
+        require_loss(g)
+    return 0
+
+
+def cmd_fmt(a) -> int:
+    from .files import atomic_write
+    from .format import format_program
+    from .parse import parse
+
+    status = 0
+    for path in a.spec:
+        text, file = read(path)
+        out = format_program(parse(text, file))
+        if a.check:
+            if out != text:
+                print(f"{file}: not formatted (run rnnc fmt --write {file})", file=sys.stderr)
+                status = EXIT_ERROR
+        elif a.write:
+            if out != text:
+                atomic_write(file, out.encode())
+                print(f"formatted {file}")
+        else:
+            sys.stdout.write(out)
+    return status
+
+
+def read(path: str) -> tuple[str, str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(), path
+    except FileNotFoundError:
+        raise RnncError(f"no such file: {path}", code="E500") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RnncError(f"cannot read {path}: {e}", code="E500") from None
+
+
+def cmd_graph(a) -> int:
+    from .compiler import front, read_spec
+    from .optimize import optimize
+    from .picture import render_file, to_dot, unrolled_dot
+    from .unroll import unroll
+
+    text, file = read_spec(a.spec)
+    _, g = front(text, file, dims_arg(a.dim), a.model)
+    if a.unroll is not None:
+        if a.unroll < 1:
+            raise UsageError("--unroll T needs T >= 1", code="E501")
+        T = {d: (a.unroll // 2 if info["halves"] else a.unroll) for d, info in g.graph["domains"].items()}
+        dot = unrolled_dot(unroll(g, T))
+    else:
+        dot = to_dot(optimize(g, fuse=False))
+    if a.output:
+        render_file(dot, a.output)
+        print(f"wrote {a.output}")
+    else:
+        sys.stdout.write(dot)
+    return 0
+
+
+def cmd_grad(a) -> int:
+    from .compiler import compile_spec
+    from .explain import explain
+
+    m = compile_spec(a.spec, dims=dims_arg(a.dim), model=a.model)
+    if m.grad_graph is None:
+        from .check import require_loss
+
+        require_loss(m.graph)
+    print(explain(m.plans["loss_and_grads"]))
+    return 0
+
+
+def cmd_compile(a) -> int:
+    from .compiler import compile_spec
+    from .files import atomic_write
+
+    m = compile_spec(a.spec, target=a.target, dims=dims_arg(a.dim), model=a.model)
+    if a.output:
+        atomic_write(a.output, m.source.encode())
+        print(f"wrote {a.output}")
+    else:
+        sys.stdout.write(m.source)
+    return 0
+
+
+def cmd_run(a) -> int:
+    from .compiler import compile_spec
+    from .data import check_arrays, check_lengths
+    from .files import load_npz, save_npz
+
+    if a.train or a.generate is not None:
+        from .train import run_training
+
+        return run_training(a)
+    m = compile_spec(a.spec, dims=dims_arg(a.dim), model=a.model)
+    if not a.data:
+        raise UsageError("rnnc run needs --data inputs.npz (or --train)", code="E501")
+    arrays = load_npz(a.data, "data file")
+    inputs = check_arrays(arrays, m.inputs, "input", a.data)
+    dtype = np.float64 if a.float64 else np.float32
+    params = load_params(a.params, m, dtype) if a.params else m.init_params(a.seed, dtype)
+    lengths = check_lengths(arrays, inputs, m.inputs, a.data)
+    have_targets = m.graph.graph.get("loss") is not None and all(k in arrays for k in m.targets)
+    if have_targets:
+        targets = check_arrays(arrays, m.targets, "target", a.data)
+        out = m.loss(params, inputs, targets, lengths=lengths)
+    else:
+        out = m.forward(params, inputs, lengths=lengths)
+    for k, v in out.items():
+        v = np.asarray(v)
+        print(f"  {k:12s} {list(v.shape)}" + (f"  = {float(v):.6g}" if v.ndim == 0 else ""))
+    if a.output:
+        save_npz(a.output, {k: np.asarray(v) for k, v in out.items()})
+        print(f"wrote {a.output}")
+    return 0
+
+
+def load_params(path: str, m, dtype) -> dict[str, np.ndarray]:
+    from .files import load_npz
+
+    arrays = load_npz(path, "params file")
+    arrays = arrays.get("__params__", arrays) if isinstance(arrays, dict) else arrays
+    out = {}
+    for name, (shape, _, _) in m.params.items():
+        key = name if name in arrays else f"param/{name}"
+        if key not in arrays:
+            raise RnncError(f"{path}: no parameter '{name}'", hint="was it saved for another spec?", code="E520")
+        v = arrays[key]
+        if tuple(v.shape) != tuple(shape):
+            raise RnncError(f"{path}: parameter '{name}' is {list(v.shape)}, the spec says {list(shape)}", code="E520")
+        if not np.isfinite(v).all():
+            raise RnncError(f"{path}: parameter '{name}' holds NaN or infinity", code="E520")
+        out[name] = v.astype(dtype)
+    return out
+
+
+def cmd_gradcheck(a) -> int:
+    from .gradcheck import gradcheck
+
+    report = gradcheck(a.spec, dims=dims_arg(a.dim), model=a.model, T=a.steps, batch=a.batch,
+                       seed=a.seed, eps=a.eps, samples=a.samples)  # fmt: skip
+    worst = 0.0
+    print(f"{'tensor':24s} {'shape':14s} {'checked':>8s} {'rel. error':>11s}")
+    for row in report:
+        worst = max(worst, row.error)
+        flag = "" if row.error <= a.tol else "   FAIL"
+        print(f"{row.name:24s} {str(list(row.shape)):14s} {row.checked:8d} {row.error:11.2e}{flag}")
+    ok = worst <= a.tol
+    print(f"largest relative error {worst:.2e} (norm-wise per tensor, float64, eps {a.eps:g}); "
+          f"tolerance {a.tol:g}: {'ok' if ok else 'FAILED'}")  # fmt: skip
+    return 0 if ok else EXIT_ERROR
+
+
+def cmd_bench(a) -> int:
+    from .compiler import compile_spec
+    from .gradcheck import random_batch
+
+    m = compile_spec(a.spec, dims=dims_arg(a.dim), model=a.model)
+    params = m.init_params(a.seed, np.float32)
+    inputs, targets, _ = random_batch(m, a.steps, a.batch, a.seed, np.float32)
+    timings = {}
+    for name, fn in (("forward", lambda: m.forward(params, inputs)),
+                     ("forward+backward", lambda: m.loss_and_grads(params, inputs, targets))):  # fmt: skip
+        fn()
+        ts = []
+        for _ in range(a.repeat):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        timings[name] = float(np.median(ts))
+        print(f"{name:18s} {timings[name] * 1e3:9.2f} ms   (median of {a.repeat}, T={a.steps}, B={a.batch})")
+    return 0
+
+
+# ----- the parser -----
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="rnnc", description="A compiler for recurrent neural networks.")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks of internal errors")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    def spec_cmd(name: str, help: str):
+        c = sub.add_parser(name, help=help)
+        c.add_argument("spec", help="a .rnn file")
+        c.add_argument("--dim", action="append", metavar="NAME=N", help="set a dimension")
+        c.add_argument("--model", help="which model of the file (default: the last)")
+        return c
+
+    spec_cmd("check", "parse, infer shapes, check; summarize params and states")
+    c = sub.add_parser("fmt", help="print the canonical formatting")
+    c.add_argument("spec", nargs="+")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--check", action="store_true", help="exit 1 if not formatted")
+    g.add_argument("--write", action="store_true", help="rewrite the file in place (atomically)")
+    c = spec_cmd("graph", "draw the graph (DOT; SVG/PNG with Graphviz)")
+    c.add_argument("--unroll", type=int, metavar="T", help="draw the graph unrolled over T steps")
+    c.add_argument("-o", "--output", help="out.dot, out.svg or out.png (default: DOT on stdout)")
+    spec_cmd("grad", "print the derived backward (BPTT) equations")
+    c = spec_cmd("compile", "generate a standalone Python module")
+    c.add_argument("--target", default="numpy", choices=["numpy"])
+    c.add_argument("-o", "--output", help="model.py (default: stdout)")
+    c = spec_cmd("run", "run the forward pass and loss, train, or generate")
+    c.add_argument("--data", help=".npz with one array per input (and target)")
+    c.add_argument("--params", help=".npz of parameters (default: fresh from --seed)")
+    c.add_argument("-o", "--output", help="write outputs to this .npz")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--float64", action="store_true", help="compute in float64 (default float32)")
+    c.add_argument("--train", action="store_true", help="train the model")
+    c.add_argument("--generate", type=int, metavar="N", help="sample N steps from a trained model")
+    add_training_args(c)
+    c = spec_cmd("gradcheck", "compare gradients with central differences in float64")
+    c.add_argument("--steps", type=int, default=5, help="sequence length T (default 5)")
+    c.add_argument("--batch", type=int, default=2)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--eps", type=float, default=1e-6)
+    c.add_argument("--tol", type=float, default=1e-6, help="largest allowed relative error")
+    c.add_argument("--samples", type=int, default=24, help="entries checked per tensor")
+    c = spec_cmd("bench", "time forward and forward+backward")
+    c.add_argument("--steps", type=int, default=100)
+    c.add_argument("--batch", type=int, default=32)
+    c.add_argument("--repeat", type=int, default=5)
+    c.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def add_training_args(c: argparse.ArgumentParser) -> None:
+    """Training options (rnnc/train.py reads them)."""
+    c.add_argument("--task", help="built-in task: adding, copy, reber, text, npz")
+    c.add_argument("--text", help="a text file for the character task (default: Python's docs)")
+    c.add_argument("--steps", type=int, help="training steps")
+    c.add_argument("--batch", type=int, default=32)
+    c.add_argument("--seq-len", type=int, help="sequence length (or BPTT window)")
+    c.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    c.add_argument("--lr", type=float, default=None)
+    c.add_argument("--momentum", type=float, default=0.9)
+    c.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    c.add_argument("--schedule", choices=["constant", "cosine", "step"], default="constant")
+    c.add_argument("--tbptt", type=int, help="truncated BPTT window over one long stream")
+    c.add_argument("--checkpoint", help="checkpoint file (.npz), written atomically")
+    c.add_argument("--checkpoint-every", type=int, default=100)
+    c.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    c.add_argument("--plot", help="draw training and validation loss to this PNG")
+    c.add_argument("--log", help="append metrics as JSON lines")
+    c.add_argument("--prime", default="", help="text to start generation from")
+    c.add_argument("--temperature", type=float, default=1.0)
+    c.add_argument("--quiet", action="store_true")
+
+
+COMMANDS = {
+    "check": cmd_check, "fmt": cmd_fmt, "graph": cmd_graph, "grad": cmd_grad,
+    "compile": cmd_compile, "run": cmd_run, "gradcheck": cmd_gradcheck, "bench": cmd_bench,
+}  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: returns the exit code (0 ok, 1 error in the spec or data, 2 misuse, 3 bug)."""
+    parser = build_parser()
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        return COMMANDS[a.command](a)
+    except UsageError as e:
+        print(f"rnnc: {render(e, None)}", file=sys.stderr)
+        return EXIT_USAGE
+    except RnncError as e:
+        file = e.span.file
+        text = source_of(file) if file and file != "<spec>" and os.path.exists(file) else None
+        if text is None and getattr(a, "spec", None) and not os.path.exists(a.spec):
+            text = a.spec
+        print(render(e, text), file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("rnnc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug in rnnc, not the user's fault
+        if a.debug:
+            raise
+        print(f"rnnc: internal error: {type(e).__name__}: {e}\n"
+              "  this is a bug in rnnc; run with --debug for the traceback", file=sys.stderr)  # fmt: skip
+        return EXIT_INTERNAL
+
+
+def entry() -> None:
+    sys.exit(main())

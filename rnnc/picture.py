@@ -1,0 +1,155 @@
+"""Graph or DAG -> DOT text: cells as clusters, recurrent edges dashed and labelled with
+their delay, unrolled steps laid out left to right like the textbook figures."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import networkx as nx
+
+from .errors import RnncError
+from .graph import Graph, operands
+from .ops import fmt_shape
+
+STYLE = {
+    "param": 'shape=box, style="rounded,filled", fillcolor="#f3e9d2", color="#b08d57"',
+    "input": 'shape=invhouse, style=filled, fillcolor="#d7ecd9", color="#4c8c57"',
+    "target": 'shape=house, style=filled, fillcolor="#fde2e1", color="#b5524c"',
+    "named": 'shape=ellipse, style=filled, fillcolor="#dbe8f6", color="#3c6e9f", penwidth=1.6',
+    "op": 'shape=ellipse, fontsize=10, color="#888888", fontcolor="#444444"',
+    "loss": 'shape=doubleoctagon, style=filled, fillcolor="#fbd9a6", color="#c07a12"',
+}
+
+
+def quote(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def node_style(g: Graph, n: int) -> str:
+    d = g.nodes[n]
+    if n == g.graph.get("loss"):
+        return STYLE["loss"]
+    if d["op"] in ("param", "input", "target"):
+        return STYLE[d["op"]]
+    return STYLE["named"] if d["name"] else STYLE["op"]
+
+
+def node_label(g: Graph, n: int) -> str:
+    d = g.nodes[n]
+    if d["name"]:
+        short = d["name"].rsplit(".", 1)[-1] if d.get("scope") else d["name"]
+        what = d["op"] if d["op"] not in ("identity",) else ""
+        return f"{short}\\n{fmt_shape(d['shape'])}" + (f"\\n{what}" if what and d["op"] not in ("param", "input", "target") else "")
+    return d["op"]
+
+
+def to_dot(g: Graph) -> str:
+    """The rolled graph: one node per op, cell instances as clusters, delays on dashed edges."""
+    lines = [f"digraph {quote(g.graph['model'])} {{", "  rankdir=TB; newrank=true;",
+             '  node [fontname="Helvetica"]; edge [fontname="Helvetica", fontsize=10];']  # fmt: skip
+    clusters: dict[str, list[int]] = {}
+    for n, d in g.nodes(data=True):
+        if d["op"] in ("const", "state_init"):
+            continue
+        clusters.setdefault(d.get("scope") or "", []).append(n)
+    for i, (scope, nodes) in enumerate(sorted(clusters.items())):
+        indent = "  "
+        if scope:
+            lines.append(f"  subgraph cluster_{i} {{")
+            lines.append(f'    label={quote(scope)}; style="rounded,dashed"; color="#7a7a7a";')
+            indent = "    "
+        for n in nodes:
+            lines.append(f"{indent}n{n} [label={quote(node_label(g, n))}, {node_style(g, n)}];")
+        if scope:
+            lines.append("  }")
+    for u, v, e in g.edges(data=True):
+        if g.nodes[u]["op"] in ("const", "state_init") or e["pos"] == "init":
+            continue
+        k = e["delay"]
+        if k:
+            tag = f"t-{k}" if k > 0 else f"t+{-k}"
+            lines.append(f'  n{u} -> n{v} [style=dashed, color="#c0392b", fontcolor="#c0392b", '
+                         f'label="{tag}", constraint=false];')  # fmt: skip
+        else:
+            lines.append(f"  n{u} -> n{v};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def variables_view(dag: Graph) -> nx.DiGraph:
+    """The unrolled DAG reduced to named variables (and inputs, targets, the loss):
+    an edge where one depends on the other through unnamed nodes only."""
+    keep = {
+        n for n, d in dag.nodes(data=True)
+        if (d["name"] and d["op"] not in ("param", "state_init", "const")) or n == dag.graph.get("loss")
+    }  # fmt: skip
+    view = nx.DiGraph()
+    view.add_nodes_from(keep)
+    for v in keep:
+        stack, seen = [u for u, _ in operands(dag, v)], set()
+        while stack:
+            u = stack.pop()
+            if u in seen:
+                continue
+            seen.add(u)
+            if u in keep:
+                view.add_edge(u, v)
+            else:
+                stack.extend(w for w, _ in operands(dag, u))
+    return view
+
+
+def unrolled_dot(dag: Graph) -> str:
+    """Steps as columns left to right; each column holds that step's variables."""
+    view = variables_view(dag)
+    lines = [f"digraph {quote(dag.graph['model'] + ' unrolled')} {{", "  rankdir=LR; newrank=true;",
+             '  node [fontname="Helvetica"]; edge [fontname="Helvetica", color="#555555"];']  # fmt: skip
+    steps: dict[object, list[int]] = {}
+    for n in view.nodes:
+        t = dag.nodes[n].get("orig", (None, None))[1]
+        if t is None:
+            t = dag.nodes[n]["attrs"].get("t")
+        steps.setdefault(t, []).append(n)
+    for t, nodes in sorted(steps.items(), key=lambda kv: (kv[0] is None, kv[0] if kv[0] is not None else 0)):
+        title = f"t = {t}" if t is not None else "per sequence"
+        lines.append(f"  subgraph cluster_t{t if t is not None else 'x'} {{")
+        lines.append(f'    label={quote(title)}; style="rounded"; color="#bbbbbb";')
+        for n in sorted(nodes):
+            d = dag.nodes[n]
+            name = (d["name"] or "loss").rsplit(".", 1)[-1] if d["name"] else "loss"
+            style = STYLE["loss"] if n == dag.graph.get("loss") else (
+                STYLE.get(d["op"], STYLE["named"]))  # fmt: skip
+            lines.append(f"    n{n} [label={quote(name)}, {style}];")
+        lines.append("  }")
+    for u, v in view.edges:
+        tu = dag.nodes[u].get("orig", (None, None))[1]
+        tv = dag.nodes[v].get("orig", (None, None))[1]
+        across = tu is not None and tv is not None and tu != tv
+        style = ' [color="#c0392b", penwidth=1.4]' if across else ""
+        lines.append(f"  n{u} -> n{v}{style};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def render_file(dot: str, path: str) -> None:
+    """Write DOT, or SVG/PNG through Graphviz's `dot` (a clear error when it is missing)."""
+    from .files import atomic_write
+
+    fmt = path.rsplit(".", 1)[-1].lower() if "." in path else "dot"
+    if fmt in ("dot", "gv"):
+        atomic_write(path, dot.encode())
+        return
+    if fmt not in ("svg", "png", "pdf"):
+        raise RnncError(f"cannot draw to '.{fmt}'", hint="use .dot, .svg, .png or .pdf", code="E503")
+    exe = shutil.which("dot")
+    if exe is None:
+        raise RnncError(
+            f"drawing {fmt.upper()} needs Graphviz's `dot` program, which is not installed",
+            hint="install Graphviz (Debian: apt-get install graphviz), or write .dot instead",
+            code="E504",
+        )
+    out = subprocess.run([exe, f"-T{fmt}"], input=dot.encode(), capture_output=True, check=False)
+    if out.returncode != 0:
+        raise RnncError(f"dot failed: {out.stderr.decode(errors='replace').strip()}", code="E504")
+    atomic_write(path, out.stdout)
