@@ -27,7 +27,9 @@ def dims_arg(items: Sequence[str] | None) -> dict[str, int]:
     for item in items or ():
         name, eq, value = item.partition("=")
         if not eq or not name.isidentifier() or not value.strip().isdigit() or int(value) <= 0:
-            raise UsageError(f"--dim {item}: write NAME=N with N a positive whole number", code="E501")
+            raise UsageError(
+                f"--dim {item}: write NAME=N with N a positive whole number", code="E501"
+            )
         out[name] = int(value)
     return out
 
@@ -49,14 +51,18 @@ def cmd_check(a) -> int:
     from .schedule import Loop, schedule
 
     text, file = read_spec(a.spec)
-    program, g = front(text, file, dims_arg(a.dim), a.model)
+    _program, g = front(text, file, dims_arg(a.dim), a.model)
     for w in g.graph["warnings"]:
         print(render(w, text, "warning"), file=sys.stderr)
     print(f"model {g.graph['model']} ({file}): ok")
     for kind in ("inputs", "targets"):
         for name, n in g.graph[kind].items():
             d = g.nodes[n]
-            what = f"class({d['shape'][0]})" if d["classes"] else f"[{', '.join(map(str, d['shape']))}]"
+            what = (
+                f"class({d['shape'][0]})"
+                if d["classes"]
+                else f"[{', '.join(map(str, d['shape']))}]"
+            )
             per = "per step" if d["level"] not in ("static", "global") else "per sequence"
             print(f"  {kind[:-1]:7s} {name:12s} {what:14s} {per}")
     total = 0
@@ -75,7 +81,9 @@ def cmd_check(a) -> int:
             reads = ", ".join(f"t-{k}" if k > 0 else f"t+{-k}" for k in delays)
             way = "forward" if step.direction > 0 else "backward"
             print(f"  recurrence ({way} over {step.dom}, reads {reads}): {', '.join(names)}")
-    states = sorted({g.nodes[u]["name"] for u, _, e in g.edges(data=True) if e["delay"] and g.nodes[u]["name"]})
+    states = sorted(
+        {g.nodes[u]["name"] for u, _, e in g.edges(data=True) if e["delay"] and g.nodes[u]["name"]}
+    )
     print(f"  states: {', '.join(states) or 'none'}")
     if g.graph.get("loss") is None:
         print("  no loss: forward only (add `loss = ...` to train)")
@@ -127,7 +135,10 @@ def cmd_graph(a) -> int:
     if a.unroll is not None:
         if a.unroll < 1:
             raise UsageError("--unroll T needs T >= 1", code="E501")
-        T = {d: (a.unroll // 2 if info["halves"] else a.unroll) for d, info in g.graph["domains"].items()}
+        T = {
+            d: (a.unroll // 2 if info["halves"] else a.unroll)
+            for d, info in g.graph["domains"].items()
+        }
         dot = unrolled_dot(unroll(g, T))
     else:
         dot = to_dot(optimize(g, fuse=False))
@@ -206,10 +217,15 @@ def load_params(path: str, m, dtype) -> dict[str, np.ndarray]:
     for name, (shape, _, _) in m.params.items():
         key = name if name in arrays else f"param/{name}"
         if key not in arrays:
-            raise RnncError(f"{path}: no parameter '{name}'", hint="was it saved for another spec?", code="E520")
+            raise RnncError(
+                f"{path}: no parameter '{name}'", hint="was it saved for another spec?", code="E520"
+            )
         v = arrays[key]
         if tuple(v.shape) != tuple(shape):
-            raise RnncError(f"{path}: parameter '{name}' is {list(v.shape)}, the spec says {list(shape)}", code="E520")
+            raise RnncError(
+                f"{path}: parameter '{name}' is {list(v.shape)}, the spec says {list(shape)}",
+                code="E520",
+            )
         if not np.isfinite(v).all():
             raise RnncError(f"{path}: parameter '{name}' holds NaN or infinity", code="E520")
         out[name] = v.astype(dtype)
@@ -226,7 +242,7 @@ def cmd_gradcheck(a) -> int:
     for row in report:
         worst = max(worst, row.error)
         flag = "" if row.error <= a.tol else "   FAIL"
-        print(f"{row.name:24s} {str(list(row.shape)):14s} {row.checked:8d} {row.error:11.2e}{flag}")
+        print(f"{row.name:24s} {list(row.shape)!s:14s} {row.checked:8d} {row.error:11.2e}{flag}")
     ok = worst <= a.tol
     print(f"largest relative error {worst:.2e} (norm-wise per tensor, float64, eps {a.eps:g}); "
           f"tolerance {a.tol:g}: {'ok' if ok else 'FAILED'}")  # fmt: skip
@@ -250,7 +266,9 @@ def cmd_bench(a) -> int:
             fn()
             ts.append(time.perf_counter() - t0)
         timings[name] = float(np.median(ts))
-        print(f"{name:18s} {timings[name] * 1e3:9.2f} ms   (median of {a.repeat}, T={a.steps}, B={a.batch})")
+        print(
+            f"{name:18s} {timings[name] * 1e3:9.2f} ms   (median of {a.repeat}, T={a.steps}, B={a.batch})"
+        )
     return 0
 
 

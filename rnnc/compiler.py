@@ -46,9 +46,7 @@ def front(text: str, file: str, dims: dict[str, int] | None = None, model: str |
 def forward_outputs(g: Graph) -> dict[str, int]:
     """Named outputs that need no targets."""
     targets = set(g.graph["targets"].values())
-    return {
-        k: n for k, n in g.graph["outputs"].items() if not (nx.ancestors(g, n) | {n}) & targets
-    }
+    return {k: n for k, n in g.graph["outputs"].items() if not (nx.ancestors(g, n) | {n}) & targets}
 
 
 @dataclass

@@ -62,9 +62,24 @@ def check_arrays(arrays: dict[str, np.ndarray], table: dict, kind: str, source: 
                     code="E515",
                 )
         out[name] = a
-    batch = {v.shape[1] if table_level(table, k) != "static" else v.shape[0] for k, v in out.items()}
+    steps: dict[str, dict[str, int]] = {}
+    for k, v in out.items():
+        if table_level(table, k) != "static":
+            steps.setdefault(table_level(table, k), {})[k] = v.shape[0]
+    for _dom, lengths in steps.items():
+        if len(set(lengths.values())) > 1:
+            raise RnncError(
+                f"{source}: {', '.join(f'{k} has {n} steps' for k, n in lengths.items())}; "
+                "they run over the same steps and must have the same length",
+                code="E516",
+            )
+    batch = {
+        v.shape[1] if table_level(table, k) != "static" else v.shape[0] for k, v in out.items()
+    }
     if len(batch) > 1:
-        raise RnncError(f"{source}: the arrays disagree on the batch size: {sorted(batch)}", code="E516")
+        raise RnncError(
+            f"{source}: the arrays disagree on the batch size: {sorted(batch)}", code="E516"
+        )
     return out
 
 
@@ -86,8 +101,6 @@ def check_lengths(arrays: dict[str, np.ndarray], inputs: dict[str, np.ndarray], 
         T, B = inputs[owner].shape[:2]
         a = np.asarray(a)
         if a.shape != (B,) or not np.issubdtype(a.dtype, np.integer) or a.min() < 1 or a.max() > T:
-            raise RnncError(
-                f"{source}: '{key}' must hold {B} whole numbers in 1..{T}", code="E517"
-            )
+            raise RnncError(f"{source}: '{key}' must hold {B} whole numbers in 1..{T}", code="E517")
         out[dom] = a
     return out or None

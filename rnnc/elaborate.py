@@ -84,7 +84,7 @@ class Elaborator:
         if name == "t":
             raise self.error("'t' is the time index and cannot be defined", span, code="E203")
         if name in scope.decls:
-            prev_kind, prev = scope.decls[name]
+            _prev_kind, prev = scope.decls[name]
             where = getattr(prev, "span", None)
             raise self.error(
                 f"'{name}' is defined twice",
@@ -103,9 +103,9 @@ class Elaborator:
                         self.declare(scope, it.name, "dim", it, it.span)
                         scope.dims[it.name] = it.name
                         self.g.graph["dims"][it.name] = (it.default, it.span)
-                case S.InputDecl(name, dims, kind, span):
+                case S.InputDecl(name, _, _, span):
                     self.declare(scope, name, "input", stmt, span)
-                case S.TargetDecl(name, dims, kind, classes, span):
+                case S.TargetDecl(name, _, _, _, span):
                     self.declare(scope, name, "target", stmt, span)
                 case S.ParamDecl(items):
                     for it in items:
@@ -169,7 +169,9 @@ class Elaborator:
                     raise self.error(
                         f"unknown dimension '{n}'",
                         span,
-                        hint=f"did you mean '{close[0]}'?" if close else f"declare it: dim {n} = ...",
+                        hint=f"did you mean '{close[0]}'?"
+                        if close
+                        else f"declare it: dim {n} = ...",
                         code="E206",
                     )
                 return S.DName(scope.dims[n], span)
@@ -244,19 +246,15 @@ class Elaborator:
             )
         if kind == "eq":
             return ("pending", n, delay, scope)
-        if kind in ("input", "target") and getattr(self.decl_of(what), "kind", "") == "static":
-            if timed and delay != 0:
-                raise self.error(
-                    f"'{n}' is static (one value per sequence): it has no time steps",
-                    span,
-                    hint="declare it `: sequence` to read it at t-k",
-                    code="E401",
-                )
+        static = self.g.nodes[what]["attrs"].get("dom") == STATIC
+        if kind in ("input", "target") and static and timed and delay != 0:
+            raise self.error(
+                f"'{n}' is static (one value per sequence): it has no time steps",
+                span,
+                hint="declare it `: sequence` to read it at t-k",
+                code="E401",
+            )
         return (what, delay)
-
-    def decl_of(self, node: int):
-        d = self.g.nodes[node]
-        return S.InputDecl("", (), "static" if d["attrs"].get("dom") == STATIC else "sequence")
 
     def kw_number(self, fn: str, key: str, v: S.Expr) -> float:
         match v:
@@ -404,7 +402,9 @@ class Elaborator:
 
     def merge(self, outs: list, how: str, span: Span) -> int:
         if len(outs) == 1:
-            return self.mk("identity", [outs[0] if isinstance(outs[0], tuple) else (outs[0], 0)], span)
+            return self.mk(
+                "identity", [outs[0] if isinstance(outs[0], tuple) else (outs[0], 0)], span
+            )
         refs = [o if isinstance(o, tuple) else (o, 0) for o in outs]
         if how == "concat":
             return self.mk("concat", refs, span, axis=-1)
@@ -435,7 +435,7 @@ class Elaborator:
                         )
         for key, v in kwargs.items():
             if key not in local_dims:
-                close = difflib.get_close_matches(key, local_dims + ["init"], 1)
+                close = difflib.get_close_matches(key, [*local_dims, "init"], 1)
                 raise self.error(
                     f"cell {cell.name} has no dimension or option '{key}'",
                     v.span,
@@ -478,7 +478,7 @@ class Elaborator:
 
     # ----- after every equation is built -----
     def resolve(self) -> None:
-        for node, pos, name, delay, scope, span in self.pending:
+        for node, pos, name, delay, scope, _ in self.pending:
             self.g.add_edge(scope.roots[name], node, pos=pos, delay=delay)
         self.pending.clear()
         for d, init, scope, span in self.deferred_inits:
@@ -526,7 +526,7 @@ class Elaborator:
             set_init(self.g, s, fin)
 
     def resolve_pending(self) -> None:
-        for node, pos, name, delay, scope, span in self.pending:
+        for node, pos, name, delay, scope, _span in self.pending:
             self.g.add_edge(scope.roots[name], node, pos=pos, delay=delay)
         self.pending.clear()
 
@@ -549,7 +549,7 @@ class Elaborator:
         """cross_entropy(softmax(z), y) -> ce_logits(z, y): stable, and its adjoint is p - onehot."""
         g = self.g
         for n in [n for n, d in g.nodes(data=True) if d["op"] == "ce_probs"]:
-            (p, dp), (y, dy) = operands(g, n)
+            (p, dp), (_y, _dy) = operands(g, n)
             src = p
             while g.nodes[src]["op"] == "identity" and dp == 0:
                 (src, dp), = operands(g, src)  # fmt: skip
@@ -569,7 +569,8 @@ class Elaborator:
         if "loss" in scope.roots:
             g.graph["loss"] = scope.roots["loss"]
         g.graph["instances"] = {
-            k: [[d.prefix for d in row] for row in inst.layers] for k, inst in self.instances.items()
+            k: [[d.prefix for d in row] for row in inst.layers]
+            for k, inst in self.instances.items()
         }
         g.graph["model_span"] = self.model.span
         return g

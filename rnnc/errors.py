@@ -54,8 +54,10 @@ class Warning_(RnncError):
 def render(err: RnncError, source: str | None = None, kind: str = "error") -> str:
     span = err.span
     if span.line <= 0:
-        head = f"{span.file}: {kind}[{err.code}]: {err.message}" if span.file != "<spec>" else (
-            f"{kind}[{err.code}]: {err.message}"
+        head = (
+            f"{span.file}: {kind}[{err.code}]: {err.message}"
+            if span.file != "<spec>"
+            else (f"{kind}[{err.code}]: {err.message}")
         )
         return head + (f"\n  hint: {err.hint}" if err.hint else "")
     lines = [f"{span}: {kind}[{err.code}]: {err.message}"]
@@ -64,7 +66,9 @@ def render(err: RnncError, source: str | None = None, kind: str = "error") -> st
         src = text[span.line - 1].expandtabs(1)
         gutter = f"{span.line:>4} | "
         lines.append(gutter + src)
-        end = span.end_col if span.end_line == span.line and span.end_col > span.col else span.col + 1
+        end = (
+            span.end_col if span.end_line == span.line and span.end_col > span.col else span.col + 1
+        )
         end = min(max(end, span.col + 1), max(len(src) + 2, span.col + 1))
         lines.append(" " * (len(gutter) - 2) + "| " + " " * (span.col - 1) + "^" * (end - span.col))
     if err.hint:

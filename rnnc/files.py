@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def load_npz(path: str, what: str = "file") -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}
     except FileNotFoundError:
         raise RnncError(f"{what} '{path}' does not exist", code="E505") from None
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
         raise RnncError(
             f"{what} '{path}' is not a readable .npz file ({type(e).__name__}: {e})",
             hint="it may be truncated or not written by numpy.savez",

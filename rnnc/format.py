@@ -161,8 +161,14 @@ def format_program(program: S.Program) -> str:
         prev_end = item.span.line
         for stmt in item.body:
             lead = leading(stmt.span.line, "  ")
-            if prev_end and stmt.span.line and stmt.span.line - prev_end > 1 and (
-                blank_before(stmt.span.line - len(lead)) or (lead and blank_before(stmt.span.line))
+            if (
+                prev_end
+                and stmt.span.line
+                and stmt.span.line - prev_end > 1
+                and (
+                    blank_before(stmt.span.line - len(lead))
+                    or (lead and blank_before(stmt.span.line))
+                )
             ):
                 out.append("")
             out.extend(lead)

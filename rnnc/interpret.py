@@ -108,7 +108,7 @@ def interpret(
             if code is None:
                 code = _compiled[text] = compile(text, "<op>", "eval")
             local = {f"a{i}": values[u] for i, (u, _) in enumerate(ins)}
-            values[n] = eval(code, ns, local)  # noqa: S307 - our own template text
+            values[n] = eval(code, ns, local)
     return values
 
 
@@ -126,6 +126,10 @@ def outputs(dag: Graph, values: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
     out = {}
     for name, ids in dag.graph["outputs"].items():
         vs = [values[i] for i in ids]
-        seq = "t" in dag.nodes[ids[0]]["attrs"] or len(ids) > 1 or dag.nodes[ids[0]].get("orig", (0, None))[1] is not None
+        seq = (
+            "t" in dag.nodes[ids[0]]["attrs"]
+            or len(ids) > 1
+            or dag.nodes[ids[0]].get("orig", (0, None))[1] is not None
+        )
         out[name] = np.stack(vs) if seq else vs[0]
     return out

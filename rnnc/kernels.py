@@ -102,11 +102,11 @@ def loss_spread(g, l, M, mode):
 
 def loss_step(l, M, T, t, mode):
     # one step's share of loss_reduce, for the unrolled reference
-    return (l * loss_weights((T,) + l.shape, M, mode)[t]).sum().astype(l.dtype)
+    return (l * loss_weights((T, *l.shape), M, mode)[t]).sum().astype(l.dtype)
 
 
 def loss_step_d(g, l, M, T, t, mode):
-    return (g * loss_weights((T,) + l.shape, M, mode)[t]).astype(l.dtype)
+    return (g * loss_weights((T, *l.shape), M, mode)[t]).astype(l.dtype)
 
 
 def last_step(h, M):
@@ -131,7 +131,7 @@ def on_first(g, h):
 
 
 def on_first_T(v, T):
-    out = np.zeros((T,) + v.shape, v.dtype)
+    out = np.zeros((T, *v.shape), v.dtype)
     out[0] = v
     return out
 
@@ -214,13 +214,13 @@ def sample(p, rng, temperature):
     logits = np.log(np.maximum(p, 1e-30)) / temperature
     q = np.exp(logits - logits.max(axis=-1, keepdims=True))
     q = q / q.sum(axis=-1, keepdims=True)
-    u = rng.random(q.shape[:-1] + (1,))
+    u = rng.random((*q.shape[:-1], 1))
     return np.minimum((q.cumsum(axis=-1) < u).sum(axis=-1), q.shape[-1] - 1)
 
 
 def pad_time(a, past, future, fill, carried=None):
     # a [T, ...] with `past` rows of fill (or the carried-in state) before, `future` after
-    out = np.empty((past + a.shape[0] + future,) + a.shape[1:], a.dtype)
+    out = np.empty((past + a.shape[0] + future, *a.shape[1:]), a.dtype)
     out[:past] = fill if carried is None else carried
     out[past : past + a.shape[0]] = a
     out[past + a.shape[0] :] = fill

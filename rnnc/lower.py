@@ -303,7 +303,7 @@ class Module:
             "loss": "The named outputs and the loss.",
             "loss_and_grads": "The loss and its gradient for every param, input and initial state.",
         }[fname]
-        lines = [f"def {fname}({args}):", f'    """{doc}"""'] + pro + body
+        lines = [f"def {fname}({args}):", f'    """{doc}"""', *pro, *body]
         lines += self.returns(fname, plan, em)
         return lines
 
@@ -318,7 +318,9 @@ class Module:
         if first_seq is not None:
             out.append(f"    B = {first_seq}.shape[1]")
         else:
-            stat = next((self.namer(n) for n in leaves if g.nodes[n]["op"] in ("input", "target")), None)
+            stat = next(
+                (self.namer(n) for n in leaves if g.nodes[n]["op"] in ("input", "target")), None
+            )
             out.append(f"    B = {stat}.shape[0]" if stat else "    B = 1")
         table = g.graph["domains"]
         for dom in sorted(table, key=lambda x: x.count("/")):
@@ -354,13 +356,15 @@ class Module:
             return out
         grads = g.graph["grads"]
         items = []
-        for name, n in g.graph["params"].items():
+        for name in g.graph["params"]:
             dn = grads.get(name)
             zero = f"np.zeros_like(params[{name!r}])"  # a param the loss does not depend on
             items.append(f"{name!r}: {value(dn) if dn is not None else zero}")
         for name in g.graph["inputs"]:
             if name in grads:
-                items.append(f"{name!r}: {em.seq_read(grads[name], 0, None) if is_seq(g.nodes[grads[name]]['level']) else self.namer(grads[name])}")
+                items.append(
+                    f"{name!r}: {em.seq_read(grads[name], 0, None) if is_seq(g.nodes[grads[name]]['level']) else self.namer(grads[name])}"
+                )
         for name, dn in grads.items():
             if name.endswith(".init"):
                 items.append(f"{name!r}: {self.namer(dn)}")
@@ -391,7 +395,9 @@ class Module:
         for kind in ("inputs", "targets"):
             table = {name: (tuple(g.nodes[n]["shape"]), g.nodes[n]["level"], bool(g.nodes[n]["classes"]))
                      for name, n in g.graph[kind].items()}  # fmt: skip
-            meta.append(f"{kind.upper()} = {table!r}  # name: (shape, time domain or 'static', labels?)")
+            meta.append(
+                f"{kind.upper()} = {table!r}  # name: (shape, time domain or 'static', labels?)"
+            )
         body = "\n\n\n".join(funcs)
         init = INIT_PARAMS
         code = "\n".join(meta) + "\n\n\n" + init + "\n\n\n" + body + "\n"

@@ -237,14 +237,51 @@ defop("zeros", 0, lambda shape=(), **a: tuple(shape), "np.zeros(({B},) + {shape!
 
 # ----- Elementwise -----
 
-defop("add", 2, same, "{0} + {1}", prec=1, slots=(1, 2), vjp=lambda g, y, a, b: [g, g], cuda="{0} + {1}")
-defop("sub", 2, same, "{0} - {1}", prec=1, slots=(1, 2), vjp=lambda g, y, a, b: [g, -g], cuda="{0} - {1}")
-defop("mul", 2, same, "{0} * {1}", prec=2, slots=(2, 3), vjp=lambda g, y, a, b: [g * b, g * a], cuda="{0} * {1}")
+defop(
+    "add",
+    2,
+    same,
+    "{0} + {1}",
+    prec=1,
+    slots=(1, 2),
+    vjp=lambda g, y, a, b: [g, g],
+    cuda="{0} + {1}",
+)
+defop(
+    "sub",
+    2,
+    same,
+    "{0} - {1}",
+    prec=1,
+    slots=(1, 2),
+    vjp=lambda g, y, a, b: [g, -g],
+    cuda="{0} - {1}",
+)
+defop(
+    "mul",
+    2,
+    same,
+    "{0} * {1}",
+    prec=2,
+    slots=(2, 3),
+    vjp=lambda g, y, a, b: [g * b, g * a],
+    cuda="{0} * {1}",
+)
 defop("div", 2, same, "{0} / {1}", prec=2, slots=(2, 3), vjp=lambda g, y, a, b: [g / b, -(g * y) / b],
       cuda="{0} / {1}", domain="away0")  # fmt: skip
 defop("neg", 1, same, "-{0}", prec=4, slots=(4,), vjp=lambda g, y, x: [-g], cuda="-{0}")
 defop("identity", 1, same, "{0}", vjp=lambda g, y, x: [g], cuda="{0}")
-defop("sum", None, same, "{args}", prec=1, slots=(1, 2), vjp=lambda g, y, *xs: [g] * len(xs), user=False, sep=" + ")
+defop(
+    "sum",
+    None,
+    same,
+    "{args}",
+    prec=1,
+    slots=(1, 2),
+    vjp=lambda g, y, *xs: [g] * len(xs),
+    user=False,
+    sep=" + ",
+)
 defop("tanh", 1, same, "np.tanh({0})", vjp=lambda g, y, x: [g * (1 - y * y)], cuda="tanh({0})")
 defop("sigmoid", 1, same, "sigmoid({0})", vjp=lambda g, y, x: [g * y * (1 - y)],
       cuda="(0.5 * (1 + tanh(0.5 * {0})))")  # fmt: skip
@@ -279,7 +316,9 @@ defop("softmax", 1, vector, "softmax({0})",
       vjp=lambda g, y, x: [y * (g - (g * y).op("sum_f"))])  # fmt: skip
 defop("log_softmax", 1, vector, "log_softmax({0})",
       vjp=lambda g, y, x: [g - y.op("exp") * g.op("sum_f")])  # fmt: skip
-defop("sum_f", 1, to_scalar, "{0}.sum(axis=-1)", slots=(9,), user=False)  # only in gradients (softmax)
+defop(
+    "sum_f", 1, to_scalar, "{0}.sum(axis=-1)", slots=(9,), user=False
+)  # only in gradients (softmax)
 defop("concat", None, concat_shape, "np.concatenate(({args},), axis={axis})", attrs={"axis": -1},
       vjp=lambda g, y, *xs, axis=-1: concat_vjp(g, xs, axis))  # fmt: skip
 defop("slice", 1, slice_shape, "{0}[..., {start}:{stop}]", slots=(9,), user=False, attrs={"axis": -1},
@@ -322,7 +361,7 @@ defop("sqerr", 2, lambda a, b: same(a, b) and (), "((({0}) - ({1})) ** 2).mean(a
       vjp=lambda g, y, a, b: sqerr_vjp(g, a, b), user=False)  # fmt: skip
 defop("loss_reduce", 1, to_scalar, "loss_reduce({0}, {M}, {mode!r})", level=to_global,
       kind="collective", user=False,
-      vjp=lambda g, y, l, mode, dom: [g.op("loss_spread", l, mode=mode, dom=dom)])  # fmt: skip
+      vjp=lambda g, y, per_step, mode, dom: [g.op("loss_spread", per_step, mode=mode, dom=dom)])  # fmt: skip
 defop("loss_spread", 2, half_shape, "loss_spread({0}, {1}, {M}, {mode!r})", level=like_second,
       kind="collective", user=False)  # fmt: skip
 
@@ -357,7 +396,7 @@ defop("edge_sum", 1, first_shape, "edge_sum({0}, {k}, {M}, {carried})", level=to
 
 defop("loss_step", 1, to_scalar, "loss_step({0}, {M}, {T}, {t}, {mode!r})", level=to_global,
       user=False,
-      vjp=lambda g, y, l, t, mode, dom: [g.op("loss_step_d", l, t=t, mode=mode, dom=dom)])  # fmt: skip
+      vjp=lambda g, y, per_step, t, mode, dom: [g.op("loss_step_d", per_step, t=t, mode=mode, dom=dom)])  # fmt: skip
 defop("loss_step_d", 2, half_shape, "loss_step_d({0}, {1}, {M}, {T}, {t}, {mode!r})",
       level=like_second, user=False)  # fmt: skip
 defop("select_valid", 2, same, "select_valid({0}, {1}, {M}, {t}, {s})", user=False,
@@ -399,7 +438,7 @@ def slot_prec(op: Op, i: int) -> int:
         return op.slots[min(i, len(op.slots) - 1)]
     if op.arity is None:
         return 0
-    spots = [m.start() for m in re.finditer(re.escape("{%d}" % i), op.numpy)]
+    spots = [m.start() for m in re.finditer(re.escape(f"{{{i}}}"), op.numpy)]
     alone = all(
         re.search(r"[(,\[]\s*$", op.numpy[:at]) and re.match(r"\s*[,)\]]", op.numpy[at + 3 :])
         for at in spots
@@ -409,7 +448,7 @@ def slot_prec(op: Op, i: int) -> int:
 
 def slot_uses(op: Op, i: int) -> int:
     """How often operand i appears in the template (inlining it twice would compute it twice)."""
-    return 1 if op.arity is None else op.numpy.count("{%d}" % i)
+    return 1 if op.arity is None else op.numpy.count(f"{{{i}}}")
 
 
 def render(op: Op, args: list[str], attrs: dict[str, Any], ctx: dict[str, Any]) -> str:

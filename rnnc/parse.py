@@ -36,10 +36,22 @@ WORDS = {
     "AT": "'@'",
     "$END": "the end of the file",
 }
-KEYWORDS = (
-    "model cell dim input target param generate bidirectional reverse stack sequence static "
-    "of class"
-).split()
+KEYWORDS = [
+    "model",
+    "cell",
+    "dim",
+    "input",
+    "target",
+    "param",
+    "generate",
+    "bidirectional",
+    "reverse",
+    "stack",
+    "sequence",
+    "static",
+    "of",
+    "class",
+]
 
 
 def word(terminal: str) -> str:
@@ -214,7 +226,7 @@ class ToAst(Transformer_NonRecursive):
     def name(self, meta, ch):
         return S.Name(self._name(ch[0]), self._s(meta))
 
-    def _bin(op):  # noqa: N805 - a method factory used in the class body
+    def _bin(op):
         def rule(self, meta, ch):
             return S.BinOp(op, ch[0], ch[1], self._s(meta))
 
@@ -328,7 +340,7 @@ def syntax_error(u: UnexpectedInput, text: str, file: str) -> RnncError:
         hint = None
         if ch == ";":
             hint = "statements need no ';': put each on its own line"
-        elif ch in "{}" and False:
+        elif False:
             hint = None
         elif ch == "^":
             hint = "there is no power operator; write x * x"
@@ -367,7 +379,7 @@ def token_hint(tok: Token, expected: list[str]) -> str | None:
         return "an equation is `name = expression`; the left side must be a single name"
     if str(tok) == "(" and "'='" in expected:
         return "a function call cannot stand alone; assign it: `name = f(...)`"
-    if "')'" in expected and str(tok) in ("}", "=") or (str(tok) == "}" and "')'" in expected):
+    if ("')'" in expected and str(tok) in ("}", "=")) or (str(tok) == "}" and "')'" in expected):
         return "a '(' is not closed before this"
     if tok.type == "NUMBER" and "a whole number" in expected:
         return "dimensions, delays and slice bounds are whole numbers"
@@ -376,7 +388,7 @@ def token_hint(tok: Token, expected: list[str]) -> str | None:
 
 def join_words(words: list[str]) -> str:
     if len(words) > 6:
-        words = words[:6] + ["..."]
+        words = [*words[:6], "..."]
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 

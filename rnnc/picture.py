@@ -40,7 +40,9 @@ def node_label(g: Graph, n: int) -> str:
     if d["name"]:
         short = d["name"].rsplit(".", 1)[-1] if d.get("scope") else d["name"]
         what = d["op"] if d["op"] not in ("identity",) else ""
-        return f"{short}\\n{fmt_shape(d['shape'])}" + (f"\\n{what}" if what and d["op"] not in ("param", "input", "target") else "")
+        return f"{short}\\n{fmt_shape(d['shape'])}" + (
+            f"\\n{what}" if what and d["op"] not in ("param", "input", "target") else ""
+        )
     return d["op"]
 
 
@@ -111,7 +113,9 @@ def unrolled_dot(dag: Graph) -> str:
         if t is None:
             t = dag.nodes[n]["attrs"].get("t")
         steps.setdefault(t, []).append(n)
-    for t, nodes in sorted(steps.items(), key=lambda kv: (kv[0] is None, kv[0] if kv[0] is not None else 0)):
+    for t, nodes in sorted(
+        steps.items(), key=lambda kv: (kv[0] is None, kv[0] if kv[0] is not None else 0)
+    ):
         title = f"t = {t}" if t is not None else "per sequence"
         lines.append(f"  subgraph cluster_t{t if t is not None else 'x'} {{")
         lines.append(f'    label={quote(title)}; style="rounded"; color="#bbbbbb";')
@@ -141,7 +145,9 @@ def render_file(dot: str, path: str) -> None:
         atomic_write(path, dot.encode())
         return
     if fmt not in ("svg", "png", "pdf"):
-        raise RnncError(f"cannot draw to '.{fmt}'", hint="use .dot, .svg, .png or .pdf", code="E503")
+        raise RnncError(
+            f"cannot draw to '.{fmt}'", hint="use .dot, .svg, .png or .pdf", code="E503"
+        )
     exe = shutil.which("dot")
     if exe is None:
         raise RnncError(

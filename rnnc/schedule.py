@@ -75,7 +75,11 @@ def make_loop(g: Graph, sub: Graph, nodes: list[int]) -> Loop:
     comp = set(nodes)
     delays = {d["delay"] for u, v, d in sub.edges(nodes, data=True) if v in comp and d["delay"]}
     levels = {g.nodes[n]["level"] for n in nodes}
-    bad = [n for n in nodes if not is_seq(g.nodes[n]["level"]) or OPS[g.nodes[n]["op"]].kind != "pointwise"]
+    bad = [
+        n
+        for n in nodes
+        if not is_seq(g.nodes[n]["level"]) or OPS[g.nodes[n]["op"]].kind != "pointwise"
+    ]
     if bad or len(levels) != 1:
         n = bad[0] if bad else nodes[0]
         raise RnncError(

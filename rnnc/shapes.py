@@ -28,8 +28,17 @@ class Domains:
             d = self.parent[d]
         return d
 
+    def ancestry(self, d: str) -> list[str]:
+        """d, then the domain it halves, then that one's, ..."""
+        out = [self.find(d)]
+        while out[-1] in self.base:
+            out.append(self.find(self.base[out[-1]]))
+        return out
+
     def union(self, a: str, b: str) -> str:
         ra, rb = self.find(a), self.find(b)
+        if ra != rb and (ra in self.ancestry(rb) or rb in self.ancestry(ra)):
+            raise ShapeError("combines a sequence with pairs() of itself: their lengths differ")
         if ra != rb:
             # keep the root named after an input if one side is
             if ra.startswith("?") or (rb in self.base and ra not in self.base):
@@ -215,7 +224,10 @@ class ShapeSolver:
         if len(seqs) > 1:
             root = seqs[0]
             for s in seqs[1:]:
-                root = self.dom.union(root, s)
+                try:
+                    root = self.dom.union(root, s)
+                except ShapeError as e:
+                    raise self.err(str(e), d["span"], code="E405") from None
             seqs = [root]
         if op == "loss_reduce":
             if levels[0] is None:
@@ -300,11 +312,12 @@ class ShapeSolver:
             if init is not None and g.nodes[init]["op"] == "state_init":
                 g.nodes[init]["shape"] = d["shape"]
         for n, d in g.nodes(data=True):
-            if d["level"] is None or (is_seq(d["level"]) and self.dom.find(d["level"]).startswith("?")):
-                reads = [e["delay"] for _, _, e in g.out_edges(n, data=True) if e["delay"]]
+            if d["level"] is None or (
+                is_seq(d["level"]) and self.dom.find(d["level"]).startswith("?")
+            ):
+                [e["delay"] for _, _, e in g.out_edges(n, data=True) if e["delay"]]
                 raise self.err(
-                    f"cannot tell how many steps '{label(g, n)}' runs for"
-                    if reads or is_seq(d["level"]) else f"cannot tell whether '{label(g, n)}' is a sequence",
+                    f"cannot tell how many steps '{named(g, n)}' runs for",
                     d["span"],
                     hint="a recurrence needs an input sequence (declared `: sequence`) among its "
                     "operands to set its length",
@@ -318,7 +331,7 @@ class ShapeSolver:
                     code="E305",
                 )
         # canonical domain names, then a strict pass: every rule sees every shape
-        for n, d in g.nodes(data=True):
+        for _, d in g.nodes(data=True):
             if is_seq(d["level"]):
                 d["level"] = self.dom.find(d["level"])
             if "dom" in d["attrs"] and d["attrs"]["dom"] not in (None, STATIC) and d["op"] not in (
@@ -368,14 +381,13 @@ class ShapeSolver:
                     hint="only values that change from step to step can be read at t-k",
                     code="E401",
                 )
-        if d["op"] in ("ce_logits", "ce_probs"):
-            if not g.nodes[ins[1][0]]["classes"]:
-                raise self.err(
-                    "cross_entropy needs class labels as its target",
-                    d["span"],
-                    hint="declare the target `: sequence of class(K)`; for real values use mse",
-                    code="E306",
-                )
+        if d["op"] in ("ce_logits", "ce_probs") and not g.nodes[ins[1][0]]["classes"]:
+            raise self.err(
+                "cross_entropy needs class labels as its target",
+                d["span"],
+                hint="declare the target `: sequence of class(K)`; for real values use mse",
+                code="E306",
+            )
         init = init_of(g, n)
         if init is not None:
             di = g.nodes[init]
@@ -397,7 +409,7 @@ class ShapeSolver:
     def domain_table(self) -> dict[str, dict]:
         """For each time domain: the inputs and targets that carry its length, or what it halves."""
         table: dict[str, dict] = {}
-        for n, d in self.g.nodes(data=True):
+        for _n, d in self.g.nodes(data=True):
             lv = d["level"]
             if is_seq(lv):
                 entry = table.setdefault(lv, {"inputs": [], "halves": self.dom.base.get(lv)})
@@ -407,6 +419,21 @@ class ShapeSolver:
             if entry["halves"] is not None:
                 entry["halves"] = self.dom.find(entry["halves"])
         return table
+
+
+def named(g: Graph, n: int) -> str:
+    """n's spec name, or that of the equation it is part of."""
+    seen = {n}
+    frontier = [n]
+    while frontier:
+        m = frontier.pop(0)
+        if g.nodes[m]["name"]:
+            return g.nodes[m]["name"]
+        for _, v, e in g.out_edges(m, data=True):
+            if v not in seen and e["delay"] == 0:
+                seen.add(v)
+                frontier.append(v)
+    return label(g, n)
 
 
 def describe(g: Graph, n: int) -> str:

@@ -6,24 +6,19 @@ from dataclasses import dataclass, field
 
 from .errors import NOWHERE, Span
 
-
-def _span() -> Span:
-    return field(default=NOWHERE, compare=False, repr=False)
-
-
 # ----- Dimension expressions -----
 
 
 @dataclass(frozen=True, slots=True)
 class DNum:
     value: int
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class DName:
     name: str
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +26,7 @@ class DBin:
     op: str  # '+', '-', '*'
     lhs: DimExpr
     rhs: DimExpr
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 DimExpr = DNum | DName | DBin
@@ -43,13 +38,13 @@ DimExpr = DNum | DName | DBin
 @dataclass(frozen=True, slots=True)
 class Num:
     value: float
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Name:
     name: str
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +53,7 @@ class TimeRef:
 
     name: str
     delay: int
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +63,7 @@ class Slice:
     expr: Expr
     start: DimExpr | None
     stop: DimExpr | None
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,13 +71,13 @@ class BinOp:
     op: str  # '+', '-', '*', '/', '@'
     lhs: Expr
     rhs: Expr
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Neg:
     expr: Expr
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +86,7 @@ class Modifier:
 
     kind: str  # 'bidirectional', 'reverse', 'stack'
     arg: str | int | None = None
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +95,7 @@ class Call:
     args: tuple[Expr, ...] = ()
     kwargs: tuple[tuple[str, Expr], ...] = ()
     mods: tuple[Modifier, ...] = ()
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 Expr = Num | Name | TimeRef | Slice | BinOp | Neg | Call
@@ -113,13 +108,13 @@ Expr = Num | Name | TimeRef | Slice | BinOp | Neg | Call
 class DimItem:
     name: str
     default: DimExpr | None = None
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class DimDecl:
     items: tuple[DimItem, ...]
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +122,7 @@ class InputDecl:
     name: str
     dims: tuple[DimExpr, ...]
     kind: str  # 'sequence' | 'static'
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +133,7 @@ class TargetDecl:
     dims: tuple[DimExpr, ...] | None
     kind: str  # 'sequence' | 'static'
     classes: DimExpr | None = None
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +142,7 @@ class Init:
 
     kind: str
     args: tuple[float, ...] = ()
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,13 +150,13 @@ class ParamItem:
     name: str
     dims: tuple[DimExpr, ...]
     init: Init | None = None
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class ParamDecl:
     items: tuple[ParamItem, ...]
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +164,7 @@ class Equation:
     name: str
     expr: Expr
     generate: bool = False  # `generate x = ...`: replaces input x when sampling
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 Stmt = DimDecl | InputDecl | TargetDecl | ParamDecl | Equation
@@ -179,7 +174,7 @@ Stmt = DimDecl | InputDecl | TargetDecl | ParamDecl | Equation
 class Port:
     name: str
     dims: tuple[DimExpr, ...]
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,14 +183,14 @@ class Cell:
     inputs: tuple[Port, ...]
     output: Port
     body: tuple[Stmt, ...]
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Model:
     name: str
     body: tuple[Stmt, ...]
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

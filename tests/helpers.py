@@ -30,7 +30,9 @@ def random_data(g, T: int, B: int, seed: int = 0, lengths: bool = False):
         return steps(base) // 2 if base else T
 
     Ts = {d: steps(d) for d in domains}
-    params = {name: rng.normal(size=g.nodes[n]["shape"]) * 0.5 for name, n in g.graph["params"].items()}
+    params = {
+        name: rng.normal(size=g.nodes[n]["shape"]) * 0.5 for name, n in g.graph["params"].items()
+    }
     inputs, targets = {}, {}
     for kind, dst in (("inputs", inputs), ("targets", targets)):
         for name, n in g.graph[kind].items():
@@ -40,7 +42,11 @@ def random_data(g, T: int, B: int, seed: int = 0, lengths: bool = False):
                          else rng.normal(size=lead + tuple(d["shape"])))  # fmt: skip
     L = None
     if lengths:
-        L = {d: rng.integers(1, Ts[d] + 1, size=B) for d, info in domains.items() if not info["halves"]}
+        L = {
+            d: rng.integers(1, Ts[d] + 1, size=B)
+            for d, info in domains.items()
+            if not info["halves"]
+        }
     return Ts, params, inputs, targets, L
 
 
@@ -52,7 +58,11 @@ def reference(g, Ts, params, inputs, targets, L=None):
     grads = {}
     for name, dn in gd.graph["grads"].items():
         grads[name] = np.stack([vals[x] for x in dn]) if isinstance(dn, list) else vals[dn]
-    return float(vals[gd.graph["loss"]]), grads, outputs(dag, interpret(dag, params, inputs, targets, lengths=L))
+    return (
+        float(vals[gd.graph["loss"]]),
+        grads,
+        outputs(dag, interpret(dag, params, inputs, targets, lengths=L)),
+    )
 
 
 def rel(a, b, floor: float = 1e-30) -> float:

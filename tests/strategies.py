@@ -56,8 +56,19 @@ def programs(draw):
     """A syntactically valid program: cells and models with every kind of statement."""
     items = []
     for i in range(draw(st.integers(1, 3))):
-        body = [S.DimDecl((S.DimItem("H", draw(st.one_of(st.none(), dim_exprs(("K",)))),),))]
-        body.append(S.InputDecl("x", (draw(dim_exprs()),), draw(st.sampled_from(["sequence", "static"]))))
+        body = [
+            S.DimDecl(
+                (
+                    S.DimItem(
+                        "H",
+                        draw(st.one_of(st.none(), dim_exprs(("K",)))),
+                    ),
+                )
+            )
+        ]
+        body.append(
+            S.InputDecl("x", (draw(dim_exprs()),), draw(st.sampled_from(["sequence", "static"])))
+        )
         body.append(draw(st.sampled_from([
             S.TargetDecl("y", None, "sequence", S.DName("K")),
             S.TargetDecl("y", (S.DName("H"),), "static"),
@@ -119,18 +130,20 @@ def cells(draw, allow_lengths=True):
         eqs.append(S.Equation(f"e{i}", e))
     # make sure some equation is really recurrent
     last = eqs[-1]
-    eqs[-1] = S.Equation(last.name, S.Call("tanh", (S.BinOp("+", last.expr, S.TimeRef(f"e{n_eq - 1}", sign)),)))
+    eqs[-1] = S.Equation(
+        last.name, S.Call("tanh", (S.BinOp("+", last.expr, S.TimeRef(f"e{n_eq - 1}", sign)),))
+    )
     cell = S.Cell("C", (S.Port("x", (S.DName("I"),)),), S.Port(f"e{n_eq - 1}", (S.DName("H"),)),
                   (S.ParamDecl(tuple(params)), *eqs))  # fmt: skip
     mods = draw(st.sampled_from([(), (), (S.Modifier("bidirectional"),), (S.Modifier("stack", 2),),
                                  (S.Modifier("reverse"),),
                                  (S.Modifier("stack", 2), S.Modifier("bidirectional", "sum"))]))  # fmt: skip
     width = "2*H" if mods and mods[-1].kind == "bidirectional" and mods[-1].arg is None else "H"
-    H, I, K = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(2, 4))
+    H, n_in, K = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(2, 4))
     classify = draw(st.booleans())
     wdim = S.DBin("*", S.DNum(2), S.DName("H")) if width == "2*H" else S.DName("H")
     body = [
-        S.DimDecl((S.DimItem("H", S.DNum(H)), S.DimItem("I", S.DNum(I)), S.DimItem("K", S.DNum(K)))),
+        S.DimDecl((S.DimItem("H", S.DNum(H)), S.DimItem("I", S.DNum(n_in)), S.DimItem("K", S.DNum(K)))),
         S.InputDecl("x", (S.DName("I"),), "sequence"),
         S.TargetDecl("y", None, "sequence", S.DName("K")) if classify
         else S.TargetDecl("y", (S.DName("K"),), "sequence"),

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import SMALL, finite_diff, random_data, reference, rel, small_dims
+
 from rnnc.compiler import compile_spec, front, read_spec
 from rnnc.format import format_program
 from rnnc.interpret import interpret, outputs
@@ -66,7 +66,7 @@ def test_compiled_equals_unrolled_reference(spec, lengths):
 
 def test_gradients_equal_central_differences(spec):
     m = compile_spec(spec, dims=small_dims(spec))
-    Ts, params, inputs, targets, _ = random_data(m.graph, 5, 2, seed=2)
+    _Ts, params, inputs, targets, _ = random_data(m.graph, 5, 2, seed=2)
     _, grads = m.loss_and_grads(params, inputs, targets)
     rng = np.random.default_rng(0)
     for name in [*params, *(k for k in inputs if k in grads)]:
@@ -83,8 +83,8 @@ def test_float32_by_default_float64_on_request(spec):
     p32 = m.init_params(0)
     assert all(v.dtype == np.float32 for v in p32.values())
     p64 = m.init_params(0, np.float64)
-    Ts, _, inputs, targets, _ = random_data(m.graph, 4, 2)
-    loss, grads = m.loss_and_grads(p64, inputs, targets)
+    _Ts, _, inputs, targets, _ = random_data(m.graph, 4, 2)
+    _loss, grads = m.loss_and_grads(p64, inputs, targets)
     assert all(np.asarray(g).dtype == np.float64 for g in grads.values())
     loss32, grads32 = m.loss_and_grads(p32, {k: np.asarray(v, np.float32) if v.dtype.kind == "f" else v
                                              for k, v in inputs.items()}, targets)  # fmt: skip

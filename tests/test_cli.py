@@ -1,0 +1,108 @@
+"""Exit codes and what each command prints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from rnnc.cli import main
+
+SPECS = os.path.join(os.path.dirname(__file__), "..", "specs")
+ELMAN = os.path.join(SPECS, "elman.rnn")
+
+
+def test_check_summary(capsys):
+    assert main(["check", os.path.join(SPECS, "tagger.rnn")]) == 0
+    out = capsys.readouterr().out
+    assert "513,290 parameters" in out
+    assert "recurrence (backward over x, reads t+1)" in out
+    assert "states: h1.bwd.c" in out
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main([]) == 2
+    assert main(["check"]) == 2
+    assert main(["check", ELMAN, "--dim", "H=zero"]) == 2
+    assert main(["check", ELMAN, "--dim", "Q=3"]) == 2
+    assert main(["frobnicate"]) == 2
+
+
+def test_missing_file_exits_1(capsys):
+    assert main(["check", "/nonexistent/x.rnn"]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_fmt_check_and_write(tmp_path, capsys):
+    p = tmp_path / "m.rnn"
+    p.write_text("model m {dim H=4\n input x[H]:sequence # note\n}\n")
+    assert main(["fmt", "--check", str(p)]) == 1
+    assert main(["fmt", "--write", str(p)]) == 0
+    assert main(["fmt", "--check", str(p)]) == 0
+    assert "# note" in p.read_text()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".rnnc-")]
+
+
+def test_graph_dot_and_unrolled(tmp_path, capsys):
+    out = tmp_path / "g.dot"
+    assert main(["graph", ELMAN, "-o", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith('digraph "elman"') and 'label="t-1"' in text and "style=dashed" in text
+    assert main(["graph", os.path.join(SPECS, "birnn.rnn"), "--unroll", "3"]) == 0
+    dot = capsys.readouterr().out
+    assert "rankdir=LR" in dot and 'label="t = 2"' in dot
+
+
+def test_graph_png_needs_graphviz(tmp_path, capsys):
+    code = main(["graph", ELMAN, "-o", str(tmp_path / "g.png")])
+    if shutil.which("dot"):
+        assert code == 0 and (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert code == 1 and "Graphviz" in capsys.readouterr().err
+
+
+def test_grad_prints_bptt_recurrences(capsys):
+    assert main(["grad", ELMAN, "--dim", "H=4", "--dim", "V=3"]) == 0
+    out = capsys.readouterr().out
+    assert "for t = T-1 down to 0 over x:" in out
+    assert "dW = Σ_t,b" in out
+
+
+def test_gradcheck_passes_and_reports(capsys):
+    assert main(["gradcheck", os.path.join(SPECS, "gru.rnn"), "--dim", "H=3", "--dim", "V=4"]) == 0
+    out = capsys.readouterr().out
+    assert "largest relative error" in out and "ok" in out
+
+
+def test_run_forward_and_loss(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.normal(size=(7, 3, 27)), y=rng.integers(0, 27, (7, 3)))
+    out = tmp_path / "o.npz"
+    assert main(["run", ELMAN, "--data", str(data), "-o", str(out)]) == 0
+    with np.load(out) as z:
+        assert z["o"].shape == (7, 3, 27) and np.isfinite(z["loss"])
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"x": np.zeros((7, 3, 26))}, "has shape [7, 3, 26]; expected [T, B, 27]"),
+    ({"x": np.full((7, 3, 27), np.nan)}, "NaN"),
+    ({"x": np.zeros((7, 3, 27)), "y": np.full((7, 3), 30)}, "label 30, outside 0..26"),
+    ({"z": np.zeros(3)}, "no array named 'x'"),
+])  # fmt: skip
+def test_run_bad_data(tmp_path, capsys, bad, msg):
+    data = tmp_path / "d.npz"
+    np.savez(data, **bad)
+    assert main(["run", ELMAN, "--data", str(data)]) == 1
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+def test_run_corrupt_and_empty_files(tmp_path, capsys):
+    for content in (b"", b"PK\x03\x04garbage"):
+        data = tmp_path / "d.npz"
+        data.write_bytes(content)
+        assert main(["run", ELMAN, "--data", str(data)]) == 1
+        assert "not a readable .npz" in capsys.readouterr().err
