@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .compiler import parse_dims
 from .errors import RnncError, UsageError, render
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
@@ -20,18 +21,6 @@ class Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         print(f"rnnc: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
-
-
-def dims_arg(items: Sequence[str] | None) -> dict[str, int]:
-    out = {}
-    for item in items or ():
-        name, eq, value = item.partition("=")
-        if not eq or not name.isidentifier() or not value.strip().isdigit() or int(value) <= 0:
-            raise UsageError(
-                f"--dim {item}: write NAME=N with N a positive whole number", code="E501"
-            )
-        out[name] = int(value)
-    return out
 
 
 def source_of(path: str) -> str:
@@ -51,7 +40,7 @@ def cmd_check(a) -> int:
     from .schedule import Loop, schedule
 
     text, file = read_spec(a.spec)
-    _program, g = front(text, file, dims_arg(a.dim), a.model)
+    _program, g = front(text, file, parse_dims(a.dim), a.model)
     for w in g.graph["warnings"]:
         print(render(w, text, "warning"), file=sys.stderr)
     print(f"model {g.graph['model']} ({file}): ok")
@@ -131,7 +120,7 @@ def cmd_graph(a) -> int:
     from .unroll import unroll
 
     text, file = read_spec(a.spec)
-    _, g = front(text, file, dims_arg(a.dim), a.model)
+    _, g = front(text, file, parse_dims(a.dim), a.model)
     if a.unroll is not None:
         if a.unroll < 1:
             raise UsageError("--unroll T needs T >= 1", code="E501")
@@ -154,7 +143,7 @@ def cmd_grad(a) -> int:
     from .compiler import compile_spec
     from .explain import explain
 
-    m = compile_spec(a.spec, dims=dims_arg(a.dim), model=a.model)
+    m = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model)
     if m.grad_graph is None:
         from .check import require_loss
 
@@ -167,7 +156,7 @@ def cmd_compile(a) -> int:
     from .compiler import compile_spec
     from .files import atomic_write
 
-    m = compile_spec(a.spec, target=a.target, dims=dims_arg(a.dim), model=a.model)
+    m = compile_spec(a.spec, target=a.target, dims=parse_dims(a.dim), model=a.model)
     if a.output:
         atomic_write(a.output, m.source.encode())
         print(f"wrote {a.output}")
@@ -185,7 +174,7 @@ def cmd_run(a) -> int:
         from .train import run_training
 
         return run_training(a)
-    m = compile_spec(a.spec, dims=dims_arg(a.dim), model=a.model)
+    m = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model)
     if not a.data:
         raise UsageError("rnnc run needs --data inputs.npz (or --train)", code="E501")
     arrays = load_npz(a.data, "data file")
@@ -235,7 +224,7 @@ def load_params(path: str, m, dtype) -> dict[str, np.ndarray]:
 def cmd_gradcheck(a) -> int:
     from .gradcheck import gradcheck
 
-    report = gradcheck(a.spec, dims=dims_arg(a.dim), model=a.model, T=a.steps, batch=a.batch,
+    report = gradcheck(a.spec, dims=parse_dims(a.dim), model=a.model, T=a.steps, batch=a.batch,
                        seed=a.seed, eps=a.eps, samples=a.samples)  # fmt: skip
     worst = 0.0
     print(f"{'tensor':24s} {'shape':14s} {'checked':>8s} {'rel. error':>11s}")
@@ -253,7 +242,7 @@ def cmd_bench(a) -> int:
     from .compiler import compile_spec
     from .gradcheck import random_batch
 
-    m = compile_spec(a.spec, dims=dims_arg(a.dim), model=a.model)
+    m = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model)
     params = m.init_params(a.seed, np.float32)
     inputs, targets, _ = random_batch(m, a.steps, a.batch, a.seed, np.float32)
     timings = {}

@@ -4,6 +4,7 @@ optimize -> schedule -> lower -> load. The Python API and the CLI call it."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -12,7 +13,7 @@ import networkx as nx
 
 from .check import check, require_loss
 from .elaborate import elaborate
-from .errors import RnncError, Span
+from .errors import RnncError, Span, UsageError
 from .grad import grad
 from .graph import Graph
 from .load import load_source
@@ -21,6 +22,19 @@ from .parse import parse
 from .schedule import Plan, schedule
 from .shapes import infer_shapes
 from .syntax import Program
+
+
+def parse_dims(items: Sequence[str] | None) -> dict[str, int]:
+    """--dim NAME=N values as a dict; a malformed one is a usage error."""
+    out = {}
+    for item in items or ():
+        name, eq, value = item.partition("=")
+        if not eq or not name.isidentifier() or not value.strip().isdigit() or int(value) <= 0:
+            raise UsageError(
+                f"--dim {item}: write NAME=N with N a positive whole number", code="E501"
+            )
+        out[name] = int(value)
+    return out
 
 
 def read_spec(path_or_text: str) -> tuple[str, str]:
@@ -72,6 +86,7 @@ class Model:
         return self.module.loss(params, inputs, targets, **kw)
 
     def loss_and_grads(self, params, inputs, targets, **kw):
+        """(loss, grads); with_inputs=True adds the gradient for each real-valued input."""
         if self.grad_graph is None:
             require_loss(self.graph)
         return self.module.loss_and_grads(params, inputs, targets, **kw)
@@ -95,9 +110,12 @@ def plans_for(g: Graph, gg: Graph | None) -> dict[str, Plan]:
     if base.graph.get("loss") is not None:
         plans["loss"] = schedule(base, dict(base.graph["outputs"]))
     if gg is not None:
+        inputs = set(gg.graph["inputs"])
         wanted = {"loss": gg.graph["loss"]}
-        wanted.update({"d" + k: v for k, v in gg.graph["grads"].items()})
+        wanted.update({"d" + k: v for k, v in gg.graph["grads"].items() if k not in inputs})
         plans["loss_and_grads"] = schedule(gg, wanted)
+        wanted.update({"d" + k: v for k, v in gg.graph["grads"].items()})
+        plans["loss_and_all_grads"] = schedule(gg, wanted)
     return plans
 
 

@@ -47,7 +47,7 @@ def grad(g: Graph, loss: int | None = None) -> Graph:
     for n in sorted(relevant):  # every adjoint first exists as an empty n-ary sum
         d = g.nodes[n]
         dn = add_node(g, "sum", (), "d" + d["name"] if d["name"] else None, d["span"])
-        g.nodes[dn].update(shape=d["shape"], level=d["level"], adjoint_of=n)
+        g.nodes[dn].update(shape=d["shape"], level=d["level"], adjoint_of=n, adjoint=True)
         dnode[n] = dn
     adj[loss].append((add_op(g, "const", value=1.0), 0))
     for v in sorted(relevant):

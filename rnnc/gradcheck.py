@@ -46,7 +46,7 @@ def gradcheck(spec: str, dims=None, model=None, T=5, batch=2, seed=0, eps=1e-6,
     for k in params:  # non-zero biases, so that every path is exercised
         params[k] = params[k] + rng.normal(0, 0.1, params[k].shape)
     inputs, targets, lengths = random_batch(m, T, batch, seed)
-    _, grads = m.loss_and_grads(params, inputs, targets, lengths=lengths)
+    _, grads = m.loss_and_grads(params, inputs, targets, lengths=lengths, with_inputs=True)
     rows = []
     for name, p in [*params.items(), *((k, v) for k, v in inputs.items() if k in grads)]:
         tensors = params if name in params else inputs

@@ -31,6 +31,15 @@ def elu(x, alpha):
     return np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0)))
 
 
+def linear(x, W):
+    # x @ W.T over a whole sequence as one 2-D GEMM (a 3-D matmul runs about 2x slower)
+    return (x.reshape(-1, x.shape[-1]) @ W.T).reshape(x.shape[:-1] + (W.shape[0],))
+
+
+def linear_t(g, W):
+    return (g.reshape(-1, g.shape[-1]) @ W).reshape(g.shape[:-1] + (W.shape[1],))
+
+
 def outer(g, x):
     # sum over every leading (time, batch) axis of g ⊗ x: one GEMM
     return g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])

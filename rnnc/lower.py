@@ -40,8 +40,10 @@ class Namer:
         if d["name"]:
             return ident(d["name"])
         adj = d.get("adjoint_of")
-        if adj is not None:
-            return "d" + self.base(adj)
+        if adj is not None and d.get("adjoint"):
+            return "d" + self.base(adj)  # the adjoint itself: d<name>
+        if adj is not None and d["op"] != "matmul":
+            return f"{self.base(adj)}_{d['op']}"  # a piece of a VJP, e.g. 1 - s*s is s_sub
         op = d["op"]
         if op == "matmul":
             w, x = (self.base(u) for u, _ in operands(self.g, n))
@@ -114,7 +116,7 @@ class Emitter:
             if self.loops.get(u) == id_of(self.plan, loop) and k == 0:
                 return name + "_t"
             plain = f"{name}[{at('t', past - k)}]"
-            if k == 0:
+            if k == 0 or self.unmasked(u, k):
                 return plain
             V = f"V_{ctx['M'][2:]}_{k if k > 0 else 'm' + str(-k)}"
             self.masks.add((ctx["M"], V, k))
@@ -124,10 +126,18 @@ class Emitter:
             return name if (past, fut) == (0, 0) else f"{name}[{past}:{past} + {T}]"
         lo = past - k
         plain = f"{name}[{lo}:{lo} + {T}]"
+        if self.unmasked(u, k):
+            return plain
         V = f"V_{ctx['M'][2:]}_{k if k > 0 else 'm' + str(-k)}"
         self.masks.add((ctx["M"], V, k))
         nd = "[..., None]" * len(g.nodes[u]["shape"])
         return f"({plain} if {V} is None else np.where({V}{nd}, {plain}, {self.fill(u)}))"
+
+    def unmasked(self, u: int, k: int) -> bool:
+        """A forward value read from the past needs no length mask: inside a sequence t-k is
+        inside too, and what a step past the end reads never reaches a step inside. Reads
+        from the future, and reads of adjoints (which must be 0 past the end), keep it."""
+        return k > 0 and "adjoint_of" not in self.g.nodes[u]
 
     def operand(self, u: int, k: int, loop: Loop | None) -> tuple[str, int]:
         """The text of operand u read at delay k, with its precedence."""
@@ -155,7 +165,8 @@ class Emitter:
                 text = f"({text})"
             args.append(operand_text(text, du["shape"], du["level"], d["shape"]))
         ctx = context(g, n, "t")
-        return render(op, args, d["attrs"], ctx)
+        whole = loop is None and is_seq(d["level"])
+        return render(op, args, d["attrs"], ctx, whole)
 
     # ----- statements -----
     def comment(self, n: int, indent: str, seen: set) -> None:
@@ -294,16 +305,27 @@ class Module:
         for M, V, k in sorted(em.masks):
             pro.append(f"    {V} = None if {M} is None else valid_shift({M}, {k})")
         args = {
-            "forward": "params, inputs, lengths=None, carry=None",
-            "loss": "params, inputs, targets, lengths=None, carry=None",
-            "loss_and_grads": "params, inputs, targets, lengths=None, carry=None, return_carry=False",
+            "forward": "params, inputs, lengths=None, carry=None, return_carry=False",
+            "loss": "params, inputs, targets, lengths=None, carry=None, return_carry=False",
+            "loss_and_grads": "params, inputs, targets, lengths=None, carry=None, return_carry=False,"
+            " with_inputs=False",
+            "loss_and_all_grads": "params, inputs, targets, lengths=None, carry=None,"
+            " return_carry=False",
         }[fname]
         doc = {
             "forward": "The named outputs of the model for `inputs`.",
             "loss": "The named outputs and the loss.",
-            "loss_and_grads": "The loss and its gradient for every param, input and initial state.",
+            "loss_and_grads": "The loss and its gradient for every param and initial state\n"
+            "    (and every real-valued input, with_inputs=True).",
+            "loss_and_all_grads": "loss_and_grads(..., with_inputs=True).",
         }[fname]
-        lines = [f"def {fname}({args}):", f'    """{doc}"""', *pro, *body]
+        lines = [f"def {fname}({args}):", f'    """{doc}"""']
+        if fname == "loss_and_grads":
+            lines += [
+                "    if with_inputs:",
+                "        return loss_and_all_grads(params, inputs, targets, lengths, carry, return_carry)",
+            ]
+        lines += pro + body
         lines += self.returns(fname, plan, em)
         return lines
 
@@ -350,9 +372,11 @@ class Module:
                 return f"hold_last({em.seq_read(n, 0, None)}, {M})"
             return self.namer(n) if g.nodes[n]["op"] != "const" else repr(d["attrs"]["value"])
 
+        carry = "{" + ", ".join(self.carries(plan)) + "}"
         if fname in ("forward", "loss"):
             items = [f"{k!r}: {value(n)}" for k, n in plan.wanted.items()]
-            out.append("    return {" + ", ".join(items) + "}")
+            out.append("    out = {" + ", ".join(items) + "}")
+            out.append(f"    return (out, {carry}) if return_carry else out")
             return out
         grads = g.graph["grads"]
         items = []
@@ -361,7 +385,7 @@ class Module:
             zero = f"np.zeros_like(params[{name!r}])"  # a param the loss does not depend on
             items.append(f"{name!r}: {value(dn) if dn is not None else zero}")
         for name in g.graph["inputs"]:
-            if name in grads:
+            if name in grads and "d" + name in plan.wanted:
                 items.append(
                     f"{name!r}: {em.seq_read(grads[name], 0, None) if is_seq(g.nodes[grads[name]]['level']) else self.namer(grads[name])}"
                 )
@@ -370,15 +394,19 @@ class Module:
                 items.append(f"{name!r}: {self.namer(dn)}")
         out.append("    grads = {" + ", ".join(items) + "}")
         out.append(f"    loss = float({value(plan.wanted['loss'])})")
-        carries = []
+        out.append("    if return_carry:")
+        out.append(f"        return loss, grads, {carry}")
+        out.append("    return loss, grads")
+        return out
+
+    def carries(self, plan: Plan) -> list[str]:
+        """The state to carry into the next window: each state's last rows."""
+        g, items = self.g, []
         for n, (past, _) in sorted(plan.pads.items()):
             if past and init_of(g, n) is not None and "adjoint_of" not in g.nodes[n]:
                 T = context_names(g.nodes[n]["level"])[0]
-                carries.append(f"{g.nodes[n]['name']!r}: {self.namer(n)}[{T}:{T} + {past}]")
-        out.append("    if return_carry:")
-        out.append("        return loss, grads, {" + ", ".join(carries) + "}")
-        out.append("    return loss, grads")
-        return out
+                items.append(f"{g.nodes[n]['name']!r}: {self.namer(n)}[{T}:{T} + {past}]")
+        return items
 
     def source(self) -> str:
         g = self.g

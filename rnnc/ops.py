@@ -56,6 +56,7 @@ class Op:
     sep: str = ", "  # between variadic operands in {args}
     prec: int = 9  # precedence of the rendered text (9: an atom or a call)
     slots: tuple[int, ...] = ()  # the precedence each operand's text needs (default 0)
+    seq: str | None = None  # the template for a whole [T, B, ...] sequence, where it differs
     attrs: dict[str, Any] = field(default_factory=dict)  # keyword arguments and defaults
 
 
@@ -342,10 +343,11 @@ def concat_vjp(g, xs, axis):
 
 # ----- Linear algebra -----
 
-defop("matmul", 2, matvec, "{1} @ {0}.T", prec=3, slots=(9, 3),
+defop("matmul", 2, matvec, "{1} @ {0}.T", prec=3, slots=(9, 3), seq="linear({1}, {0})",
       vjp=lambda g, y, w, x: [g.op("outer", x), w.op("matmul_t", g)])  # fmt: skip
 # matmul_t(W, g) = W^T g, and outer(g, x) = Σ over time and batch of g ⊗ x: only in gradients
-defop("matmul_t", 2, matvec_t, "{1} @ {0}", prec=3, slots=(9, 3), level=like_second, user=False)
+defop("matmul_t", 2, matvec_t, "{1} @ {0}", prec=3, slots=(9, 3), level=like_second, user=False,
+      seq="linear_t({1}, {0})")  # fmt: skip
 defop("outer", 2, outer_shape, "outer({0}, {1})", level=to_global, user=False)
 defop("reduce_to", 1, first_shape, "reduce_to({0}, {keep})", level=reduce_level, user=False)
 
@@ -451,9 +453,12 @@ def slot_uses(op: Op, i: int) -> int:
     return 1 if op.arity is None else op.numpy.count(f"{{{i}}}")
 
 
-def render(op: Op, args: list[str], attrs: dict[str, Any], ctx: dict[str, Any]) -> str:
-    """The op's NumPy text for operand texts `args`; ctx names M, T, t, B, dt, rng, n."""
+def render(op: Op, args: list[str], attrs: dict[str, Any], ctx: dict[str, Any],
+           whole: bool = False) -> str:  # fmt: skip
+    """The op's NumPy text for operand texts `args`; ctx names M, T, t, B, dt, rng, n.
+    `whole`: the operands are whole sequences [T, B, ...] (a step outside any loop)."""
     fields = {**ctx, **attrs}
     if op.arity is None:
         fields["args"] = op.sep.join(args)
-    return op.numpy.format(*args, **fields)
+    template = op.seq if whole and op.seq else op.numpy
+    return template.format(*args, **fields)

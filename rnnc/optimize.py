@@ -65,6 +65,8 @@ def forward_into(g: Graph, n: int, x: int) -> bool:
         dx["name"] = dn["name"]
     if "adjoint_of" in dn and "adjoint_of" not in dx:
         dx["adjoint_of"] = dn["adjoint_of"]
+    if dn.get("adjoint") and not dx["name"]:
+        dx["adjoint"] = True
     replace(g, n, x)
     return True
 
@@ -274,6 +276,34 @@ def split_concat_matmul(g: Graph) -> bool:
     return changed
 
 
+def hoist_invariant_terms(g: Graph) -> bool:
+    """(x + b) + c -> x + (b + c) when x changes each step of a loop and b, c do not:
+    b + c then runs once over the whole sequence (the bias joins the input projection)."""
+    loops = in_loop(g)
+    changed = False
+    for n in list(g.nodes):
+        d = g.nodes.get(n)
+        if d is None or d["op"] != "add" or n not in loops:
+            continue
+        (a, ka), (c, kc) = operands(g, n)
+        if c in loops:
+            (a, ka), (c, kc) = (c, kc), (a, ka)
+        if ka or kc or c in loops or g.nodes[a]["op"] != "add" or a not in loops:
+            continue
+        if g.out_degree(a) != 1 or g.nodes[a]["name"] or init_of(g, a) is not None:
+            continue
+        (x, kx), (b, kb) = operands(g, a)
+        if b in loops:
+            (x, kx), (b, kb) = (b, kb), (x, kx)
+        if kb or b in loops or x not in loops:
+            continue
+        inv = add_op(g, "add", [(b, 0), (c, 0)], span=g.nodes[a]["span"])
+        rewire(g, n, [(x, kx), (inv, 0)])
+        g.remove_node(a)
+        changed = True
+    return changed
+
+
 def fuse_gates(g: Graph) -> bool:
     """W1 @ z, W2 @ z, ... (same operand z, same delay) -> one [W1; W2; ...] @ z, sliced after:
     one GEMM per step instead of one per gate. The adjoint fuses too (pads_to_concat)."""
@@ -326,5 +356,7 @@ def optimize(g: Graph, fuse: bool = True) -> Graph:
         if split_concat_matmul(g):
             simplify(g)
         if fuse_gates(g):
+            simplify(g)
+        while hoist_invariant_terms(g):
             simplify(g)
     return g

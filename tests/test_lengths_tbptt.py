@@ -42,12 +42,12 @@ def test_lengths_equal_each_sequence_alone(name):
     domains = m.graph.graph["domains"]
     for dom in L:  # at least 2 steps, so that pairs() has something to pair
         L[dom] = np.maximum(L[dom], 2)
-    loss, grads = m.loss_and_grads(params, inputs, targets, lengths=L)
+    loss, grads = m.loss_and_grads(params, inputs, targets, lengths=L, with_inputs=True)
     total_loss, total = 0.0, {k: np.zeros_like(v) for k, v in params.items()}
     for b in range(B):
         ins = cut(inputs, m.inputs, domains, b, L, Ts)
         tgs = cut(targets, m.targets, domains, b, L, Ts)
-        lb, gb = m.loss_and_grads(params, ins, tgs)
+        lb, gb = m.loss_and_grads(params, ins, tgs, with_inputs=True)
         total_loss += lb / B
         for k in params:
             total[k] += gb[k] / B

@@ -25,7 +25,7 @@ def test_random_cell_gradients(case):
         m.graph, opt["T"], opt["B"], opt["seed"], opt["lengths"]
     )
     ref_loss, ref_grads, ref_out = reference(m.graph, Ts, params, inputs, targets, L)
-    loss, grads = m.loss_and_grads(params, inputs, targets, lengths=L)
+    loss, grads = m.loss_and_grads(params, inputs, targets, lengths=L, with_inputs=True)
     assert abs(loss - ref_loss) <= 1e-10 * max(abs(ref_loss), 1e-300)
     floor = 1e-6 * grad_scale(ref_grads)
     for name, g in ref_grads.items():

@@ -53,7 +53,7 @@ def test_compiled_equals_unrolled_reference(spec, lengths):
     m = compile_spec(spec, dims=dims)
     Ts, params, inputs, targets, L = random_data(m.graph, 6, 3, seed=1, lengths=lengths)
     ref_loss, ref_grads, ref_out = reference(m.graph, Ts, params, inputs, targets, L)
-    loss, grads = m.loss_and_grads(params, inputs, targets, lengths=L)
+    loss, grads = m.loss_and_grads(params, inputs, targets, lengths=L, with_inputs=True)
     assert abs(loss - ref_loss) <= 1e-12 * abs(ref_loss)
     assert set(grads) >= set(ref_grads)
     for name, g in ref_grads.items():
@@ -67,7 +67,7 @@ def test_compiled_equals_unrolled_reference(spec, lengths):
 def test_gradients_equal_central_differences(spec):
     m = compile_spec(spec, dims=small_dims(spec))
     _Ts, params, inputs, targets, _ = random_data(m.graph, 5, 2, seed=2)
-    _, grads = m.loss_and_grads(params, inputs, targets)
+    _, grads = m.loss_and_grads(params, inputs, targets, with_inputs=True)
     rng = np.random.default_rng(0)
     for name in [*params, *(k for k in inputs if k in grads)]:
         size = (params.get(name) if name in params else inputs[name]).size

@@ -1,0 +1,438 @@
+"""Training (`rnnc run SPEC --train`): batches from a built-in task or an .npz, Adam or SGD
+with momentum, a learning-rate schedule, global-norm clipping, truncated BPTT over streams,
+atomic checkpoints with exact resume, a progress bar, a JSON-lines log and a loss plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import tasks
+from .compiler import Model, compile_spec, parse_dims
+from .data import check_arrays, check_lengths
+from .errors import RnncError, UsageError
+from .files import atomic_write, load_npz, save_npz
+
+DEFAULTS = {  # task: (sequence length, steps, learning rate, batch)
+    "adding": (50, 1200, 1e-2, 64),
+    "copy": (20, 2000, 3e-3, 32),
+    "reber": (0, 1500, 1e-2, 32),
+    "text": (64, 600, 3e-3, 32),
+    "npz": (0, 500, 1e-3, 32),
+}
+
+
+@dataclass
+class State:
+    """Everything a checkpoint holds: a resumed run continues exactly where this one was."""
+
+    params: dict[str, np.ndarray]
+    m: dict[str, np.ndarray]
+    v: dict[str, np.ndarray]
+    step: int = 0
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    offset: int = 0  # position in a text stream (truncated BPTT)
+    carry: dict[str, np.ndarray] | None = None
+
+
+def lr_at(a, step: int, total: int) -> float:
+    if a.schedule == "cosine":
+        return a.lr * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+    if a.schedule == "step":
+        return a.lr * (0.1 ** (step // max(total // 3, 1)))
+    return a.lr
+
+
+def clip(grads: dict[str, np.ndarray], limit: float) -> float:
+    """Scale all gradients together so their global norm is at most `limit`; return the norm."""
+    norm = float(np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values())))
+    if limit > 0 and norm > limit:
+        for k in grads:
+            grads[k] = grads[k] * (limit / norm)
+    return norm
+
+
+def update(s: State, grads: dict[str, np.ndarray], lr: float, a) -> None:
+    s.step += 1
+    for k, p in s.params.items():
+        g = grads[k].astype(p.dtype)
+        if a.optimizer == "sgd":
+            s.m[k] = a.momentum * s.m[k] + g
+            p -= lr * s.m[k]
+        else:  # Adam (Kingma & Ba 2015) with bias correction
+            s.m[k] = 0.9 * s.m[k] + 0.1 * g
+            s.v[k] = 0.999 * s.v[k] + 0.001 * g * g
+            mh = s.m[k] / (1 - 0.9**s.step)
+            vh = s.v[k] / (1 - 0.999**s.step)
+            p -= (lr * mh / (np.sqrt(vh) + 1e-8)).astype(p.dtype)
+
+
+# ----- checkpoints -----
+
+
+def save_checkpoint(path: str, s: State, meta: dict) -> None:
+    arrays = {f"param/{k}": v for k, v in s.params.items()}
+    arrays.update({f"opt.m/{k}": v for k, v in s.m.items()})
+    arrays.update({f"opt.v/{k}": v for k, v in s.v.items()})
+    for k, v in (s.carry or {}).items():
+        arrays[f"carry/{k}"] = v
+    info = {**meta, "step": s.step, "offset": s.offset, "rng": s.rng.bit_generator.state}
+    arrays["meta"] = np.frombuffer(json.dumps(info).encode(), dtype=np.uint8)
+    save_npz(path, arrays)
+
+
+def load_checkpoint(path: str, m: Model, dtype, meta: dict) -> State:
+    arrays = load_npz(path, "checkpoint")
+    if "meta" not in arrays:
+        raise RnncError(f"{path} is not an rnnc checkpoint (no 'meta')", code="E521")
+    try:
+        info = json.loads(arrays["meta"].tobytes().decode())
+    except (ValueError, UnicodeDecodeError):
+        raise RnncError(f"{path}: its metadata is corrupt", code="E521") from None
+    if info.get("model") != meta["model"]:
+        raise RnncError(
+            f"{path} was saved for model '{info.get('model')}', not '{meta['model']}'", code="E521"
+        )
+    params, mm, vv = {}, {}, {}
+    for name, (shape, _, _) in m.params.items():
+        for prefix, dst in (("param/", params), ("opt.m/", mm), ("opt.v/", vv)):
+            key = prefix + name
+            if key not in arrays:
+                raise RnncError(f"{path}: no '{key}' (was it saved for another spec?)", code="E521")
+            if tuple(arrays[key].shape) != tuple(shape):
+                raise RnncError(
+                    f"{path}: '{name}' is {list(arrays[key].shape)}, the spec says {list(shape)}",
+                    hint="the spec or its --dim values changed since the checkpoint",
+                    code="E521",
+                )
+            dst[name] = arrays[key].astype(dtype)
+    extra = sorted(k.split("/", 1)[1] for k in arrays if k.startswith("param/"))
+    unknown = [k for k in extra if k not in m.params]
+    if unknown:
+        raise RnncError(
+            f"{path}: parameters the spec does not have: {', '.join(unknown)}", code="E521"
+        )
+    rng = np.random.default_rng()
+    rng.bit_generator.state = info["rng"]
+    carry = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("carry/")} or None
+    return State(params, mm, vv, info["step"], rng, info.get("offset", 0), carry)
+
+
+# ----- data -----
+
+
+class Source:
+    """Training and validation batches for one task, from the run's random generator."""
+
+    def __init__(self, a, m: Model):
+        self.task = a.task or ("npz" if a.data else None)
+        if self.task not in DEFAULTS:
+            raise UsageError(
+                "--train needs --task adding|copy|reber|text, or --data FILE.npz", code="E501"
+            )
+        T, _, _, _ = DEFAULTS[self.task]
+        self.T = a.seq_len or T
+        self.B = a.batch
+        self.text = None
+        if self.task == "text":
+            raw = read_text(a.text) if a.text else tasks.default_text()
+            self.text = tasks.Text(raw)
+        if self.task == "npz":
+            if not a.data:
+                raise UsageError("--task npz needs --data FILE.npz", code="E501")
+            arrays = load_npz(a.data, "data file")
+            self.inputs = check_arrays(arrays, m.inputs, "input", a.data)
+            self.targets = check_arrays(arrays, m.targets, "target", a.data)
+            self.lengths = check_lengths(arrays, self.inputs, m.inputs, a.data)
+            self.n = batch_size(self.inputs, m.inputs)
+
+    def batch(self, rng, s: State | None = None):
+        if self.task == "adding":
+            return tasks.adding_batch(rng, self.T, self.B)
+        if self.task == "copy":
+            return tasks.copy_batch(rng, self.T, self.B)
+        if self.task == "reber":
+            ins, tgs, L = tasks.reber_batch(rng, self.B)
+            return ins, tgs, {"x": L}
+        if self.task == "text":
+            return self.text_batch(rng, s)
+        idx = rng.choice(self.n, min(self.B, self.n), replace=False)
+        pick = lambda d, t: {k: v[:, idx] if t[k][1] != "static" else v[idx] for k, v in d.items()}  # noqa: E731
+        L = {k: v[idx] for k, v in self.lengths.items()} if self.lengths else None
+        return pick(self.inputs, self.m_inputs), pick(self.targets, self.m_targets), L
+
+    def text_batch(self, rng, s: State | None):
+        assert self.text is not None
+        ids, T, B = self.text.ids, self.T, self.B
+        if s is None:  # validation: the last 5% of the text
+            start = int(len(ids) * 0.95)
+            idx = (
+                start
+                + rng.integers(0, max(len(ids) - start - T - 1, 1), B)[None, :]
+                + np.arange(T)[:, None]
+            )
+        else:  # training: B parallel streams over the first 95%, read T characters at a time
+            n = int(len(ids) * 0.95) // B
+            if s.offset + T + 1 >= n:
+                s.offset, s.carry = 0, None
+            idx = np.arange(B)[None, :] * n + s.offset + np.arange(T)[:, None]
+            s.offset += T
+        return {"x": np.eye(self.text.vocab)[ids[idx]]}, {"y": ids[idx + 1]}, None
+
+
+def read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError as e:
+        raise RnncError(f"cannot read {path}: {e}", code="E500") from None
+
+
+def batch_size(arrays, table) -> int:
+    k, v = next(iter(arrays.items()))
+    return v.shape[1] if table[k][1] != "static" else v.shape[0]
+
+
+def task_dims(a, m_probe: Model | None = None) -> dict[str, int]:
+    """Dims a task fixes (the vocabulary of the text, the symbols of copy and Reber)."""
+    if a.task == "text":
+        raw = read_text(a.text) if a.text else tasks.default_text()
+        return {"V": tasks.Text(raw).vocab}
+    if a.task == "copy":
+        return {"V": tasks.COPY_SYMBOLS + 2}
+    if a.task == "reber":
+        return {"V": len(tasks.REBER)}
+    return {}
+
+
+# ----- the loop -----
+
+
+def run_training(a) -> int:
+    if a.generate is not None:
+        return run_generate(a)
+    dims = {**task_dims(a), **parse_dims(a.dim)}
+    m = compile_spec(a.spec, dims=dims, model=a.model)
+    if m.grad_graph is None:
+        from .check import require_loss
+
+        require_loss(m.graph)
+    src = Source(a, m)
+    src.m_inputs, src.m_targets = m.inputs, m.targets
+    _, steps0, lr0, _ = DEFAULTS[src.task]
+    a.steps = a.steps or steps0
+    a.lr = a.lr or lr0
+    dtype = np.float64 if a.float64 else np.float32
+    meta = {"model": m.graph.graph["model"], "task": src.task}
+    if src.text is not None:
+        meta["chars"] = src.text.chars
+    if a.resume:
+        if not a.checkpoint or not os.path.exists(a.checkpoint):
+            raise UsageError("--resume needs an existing --checkpoint file", code="E501")
+        s = load_checkpoint(a.checkpoint, m, dtype, meta)
+    else:
+        params = m.init_params(a.seed, dtype)
+        s = State(params, {k: np.zeros_like(v) for k, v in params.items()},
+                  {k: np.zeros_like(v) for k, v in params.items()}, 0, np.random.default_rng(a.seed))  # fmt: skip
+    val_rng = np.random.default_rng(10_000 + a.seed)
+    val = src.batch(val_rng, None)
+    check_batch(m, val, src.task)
+    tbptt = src.task == "text"
+    log = open(a.log, "a", encoding="utf-8") if a.log else None  # noqa: SIM115
+    history: list[tuple[int, float, float | None]] = []
+    bar = progress(a, s.step)
+    t_start, tokens = time.perf_counter(), 0
+
+    def validate() -> float:
+        vi, vt, vl = val
+        ins = {k: v.astype(dtype) for k, v in vi.items()}
+        return float(m.loss(s.params, ins, vt, lengths=vl)["loss"])
+
+    if s.step == 0:
+        first = validate()
+        history.append((0, first, first))
+        if log:
+            log.write(json.dumps({"step": 0, "loss": None, "val_loss": first}) + "\n")
+    try:
+        while s.step < a.steps:
+            ins, tgs, L = src.batch(s.rng, s)
+            ins = {k: v.astype(dtype) for k, v in ins.items()}
+            if tbptt:
+                loss, grads, carry = m.loss_and_grads(s.params, ins, tgs, lengths=L, carry=s.carry,
+                                                      return_carry=True)  # fmt: skip
+                s.carry = {k: v.copy() for k, v in carry.items()}
+            else:
+                loss, grads = m.loss_and_grads(s.params, ins, tgs, lengths=L)
+            grads = {k: grads[k] for k in s.params}
+            if not np.isfinite(loss):
+                raise RnncError(
+                    f"the loss became {loss} at step {s.step}",
+                    hint="lower --lr, or keep --clip on (default 1.0)",
+                    code="E540",
+                )
+            norm = clip(grads, a.clip)
+            update(s, grads, lr_at(a, s.step, a.steps), a)
+            n_tok = int(L[next(iter(L))].sum()) if L else next(iter(ins.values())).shape[0] * src.B
+            tokens += n_tok
+            val_loss = None
+            if s.step % 50 == 0 or s.step == a.steps:
+                val_loss = validate()
+            history.append((s.step, float(loss), val_loss))
+            elapsed = time.perf_counter() - t_start
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", val=f"{val_loss:.4f}" if val_loss is not None else None,
+                                tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}")  # fmt: skip
+            if log:
+                log.write(json.dumps({"step": s.step, "loss": float(loss), "val_loss": val_loss,
+                                      "grad_norm": norm, "lr": lr_at(a, s.step - 1, a.steps),
+                                      "tokens_per_s": tokens / max(elapsed, 1e-9)}) + "\n")  # fmt: skip
+            if a.checkpoint and (s.step % a.checkpoint_every == 0 or s.step == a.steps):
+                save_checkpoint(a.checkpoint, s, meta)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log:
+            log.close()
+    elapsed = time.perf_counter() - t_start
+    vals = [v for _, _, v in history if v is not None]
+    final = vals[-1] if vals else float("nan")
+    print(f"trained {m.graph.graph['model']} on {src.task}: {s.step} steps in {elapsed:.1f}s, "
+          f"{tokens / max(elapsed, 1e-9):,.0f} tokens/s; validation loss {final:.4f}")  # fmt: skip
+    if src.task == "adding":
+        print(f"  (predicting 1 always scores 0.167; this model scores {final:.4f})")
+    if src.task == "text":
+        print(f"  {final / src.T / math.log(2):.3f} bits per character on held-out text")
+    if a.plot:
+        plot(history, a.plot)
+    if a.output:
+        save_npz(a.output, {f"param/{k}": v for k, v in s.params.items()})
+        print(f"wrote {a.output}")
+    return 0
+
+
+def check_batch(m: Model, batch, task: str) -> None:
+    ins, tgs, _ = batch
+    try:
+        check_arrays(ins, m.inputs, "input", f"task '{task}'")
+        check_arrays(tgs, m.targets, "target", f"task '{task}'")
+    except RnncError as e:
+        raise RnncError(
+            f"this spec does not fit the {task} task: {e.message}",
+            hint=f"the task gives inputs {fmt_table(ins)} and targets {fmt_table(tgs)}",
+            code="E532",
+        ) from None
+
+
+def fmt_table(arrays) -> str:
+    return ", ".join(f"{k}{list(v.shape)}" for k, v in arrays.items())
+
+
+def progress(a, start: int):
+    if a.quiet or (not sys.stderr.isatty() and os.environ.get("RNNC_PROGRESS") != "1"):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=a.steps, initial=start, unit="step", dynamic_ncols=True)
+
+
+def plot(history, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RnncError(
+            "--plot needs matplotlib, which is not installed",
+            hint='pip install "rnnc[plot]"',
+            code="E541",
+        ) from None
+    steps = [s for s, _, _ in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [l for _, l, _ in history], lw=0.8, alpha=0.6, label="training")
+    vs = [(s, v) for s, _, v in history if v is not None]
+    if vs:
+        ax.plot(*zip(*vs, strict=True), lw=2, label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write(path, buf.getvalue())
+    print(f"wrote {path}")
+
+
+# ----- generation -----
+
+
+def sampled_output(m: Model, name: str) -> str:
+    """The output a `generate NAME = onehot(sample(o[t-1]))` rule samples from: 'o'."""
+    from . import syntax as S
+
+    rule = m.graph.graph["generate"][name]
+    match rule.expr:
+        case S.Call("onehot", (S.Call("sample", (S.TimeRef(o, 1),)),)):
+            return o
+    raise RnncError(
+        "--generate samples through rules of the form `generate x = onehot(sample(o[t-1]))`",
+        rule.span,
+        hint="write the rule that way: o is the distribution over the next input",
+        code="E542",
+    )
+
+
+def run_generate(a) -> int:
+    """Sample a.generate steps from a trained character model through its generate rule."""
+    if not a.checkpoint or not os.path.exists(a.checkpoint):
+        raise UsageError("--generate needs --checkpoint FILE from a text training run", code="E501")
+    arrays = load_npz(a.checkpoint, "checkpoint")
+    try:
+        info = json.loads(arrays["meta"].tobytes().decode()) if "meta" in arrays else {}
+    except (ValueError, UnicodeDecodeError):
+        info = {}
+    chars = info.get("chars")
+    if not chars:
+        raise RnncError(
+            f"{a.checkpoint} was not trained on text: it has no character set", code="E543"
+        )
+    m = compile_spec(a.spec, dims={"V": len(chars), **parse_dims(a.dim)}, model=a.model)
+    rules = m.graph.graph["generate"]
+    if len(rules) != 1:
+        raise RnncError(
+            "--generate needs exactly one `generate x = ...` rule in the model", code="E542"
+        )
+    (x_name,) = rules
+    o_name = sampled_output(m, x_name)
+    if a.temperature <= 0:
+        raise UsageError("--temperature must be > 0", code="E501")
+    s = load_checkpoint(
+        a.checkpoint, m, np.float64, {"model": m.graph.graph["model"], "task": "text"}
+    )
+    index = {c: i for i, c in enumerate(chars)}
+    prime = [index.get(c, 0) for c in (a.prime or "\n")]
+    rng = np.random.default_rng(a.seed)
+    V = len(chars)
+    carry, out = None, []
+    x = np.eye(V)[np.array(prime)][:, None, :]  # the prime, all at once
+    for _ in range(a.generate):
+        res, carry = m.forward(s.params, {x_name: x}, carry=carry, return_carry=True)
+        p = res[o_name][-1, 0].astype(np.float64)
+        logits = np.log(np.maximum(p, 1e-30)) / a.temperature
+        q = np.exp(logits - logits.max())
+        nxt = int(rng.choice(V, p=q / q.sum()))
+        out.append(nxt)
+        x = np.eye(V)[[nxt]][:, None, :]
+    print((a.prime or "") + "".join(chars[i] if i else "?" for i in out))
+    return 0
