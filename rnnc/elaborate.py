@@ -136,6 +136,7 @@ class Elaborator:
             n = add_node(self.g, "param", (), name, d.span, name=name)  # attrs name: params key
             self.g.nodes[n]["declared"] = self.qdims(d.dims, scope)
             self.g.nodes[n]["init"] = d.init
+            self.g.nodes[n]["scope"] = scope.prefix
             self.g.graph["params"][name] = n
             return n
         level = d.name if d.kind == "sequence" else STATIC

@@ -3,6 +3,7 @@ their delay, unrolled steps laid out left to right like the textbook figures."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 
@@ -23,7 +24,7 @@ STYLE = {
 
 
 def quote(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def node_style(g: Graph, n: int) -> str:
@@ -40,9 +41,8 @@ def node_label(g: Graph, n: int) -> str:
     if d["name"]:
         short = d["name"].rsplit(".", 1)[-1] if d.get("scope") else d["name"]
         what = d["op"] if d["op"] not in ("identity",) else ""
-        return f"{short}\\n{fmt_shape(d['shape'])}" + (
-            f"\\n{what}" if what and d["op"] not in ("param", "input", "target") else ""
-        )
+        extra = f"\n{what}" if what and d["op"] not in ("param", "input", "target") else ""
+        return f"{short}\n{fmt_shape(d['shape'])}{extra}"
     return d["op"]
 
 
@@ -79,12 +79,20 @@ def to_dot(g: Graph) -> str:
     return "\n".join(lines) + "\n"
 
 
+def port_copy(dag: Graph, n: int) -> bool:
+    """A cell's input port bound straight to a model input: the same value, drawn once."""
+    d = dag.nodes[n]
+    ins = operands(dag, n)
+    return d["op"] == "identity" and len(ins) == 1 and dag.nodes[ins[0][0]]["op"] == "input"
+
+
 def variables_view(dag: Graph) -> nx.DiGraph:
     """The unrolled DAG reduced to named variables (and inputs, targets, the loss):
     an edge where one depends on the other through unnamed nodes only."""
     keep = {
         n for n, d in dag.nodes(data=True)
-        if (d["name"] and d["op"] not in ("param", "state_init", "const")) or n == dag.graph.get("loss")
+        if (d["name"] and d["op"] not in ("param", "state_init", "const") and not port_copy(dag, n))
+        or n == dag.graph.get("loss")
     }  # fmt: skip
     view = nx.DiGraph()
     view.add_nodes_from(keep)
@@ -103,34 +111,52 @@ def variables_view(dag: Graph) -> nx.DiGraph:
 
 
 def unrolled_dot(dag: Graph) -> str:
-    """Steps as columns left to right; each column holds that step's variables."""
+    """Steps as columns, left to right; each variable a row, inputs at the bottom; the edges
+    that carry a state from one step to the next drawn in red (the textbook figure)."""
     view = variables_view(dag)
-    lines = [f"digraph {quote(dag.graph['model'] + ' unrolled')} {{", "  rankdir=LR; newrank=true;",
+    lines = [f"digraph {quote(dag.graph['model'] + ' unrolled')} {{", "  rankdir=BT; newrank=true; nodesep=0.35;",
              '  node [fontname="Helvetica"]; edge [fontname="Helvetica", color="#555555"];']  # fmt: skip
-    steps: dict[object, list[int]] = {}
+    rows: dict[str, list[tuple[int, int]]] = {}
+    steps: set[int] = set()
     for n in view.nodes:
-        t = dag.nodes[n].get("orig", (None, None))[1]
+        d = dag.nodes[n]
+        t = d.get("orig", (None, None))[1]
         if t is None:
-            t = dag.nodes[n]["attrs"].get("t")
-        steps.setdefault(t, []).append(n)
-    for t, nodes in sorted(
-        steps.items(), key=lambda kv: (kv[0] is None, kv[0] if kv[0] is not None else 0)
-    ):
-        title = f"t = {t}" if t is not None else "per sequence"
-        lines.append(f"  subgraph cluster_t{t if t is not None else 'x'} {{")
-        lines.append(f'    label={quote(title)}; style="rounded"; color="#bbbbbb";')
-        for n in sorted(nodes):
-            d = dag.nodes[n]
-            name = (d["name"] or "loss").rsplit(".", 1)[-1] if d["name"] else "loss"
-            style = STYLE["loss"] if n == dag.graph.get("loss") else (
-                STYLE.get(d["op"], STYLE["named"]))  # fmt: skip
-            lines.append(f"    n{n} [label={quote(name)}, {style}];")
-        lines.append("  }")
+            t = d["attrs"].get("t")
+        label_ = "loss" if n == dag.graph.get("loss") else d["name"]
+        style = STYLE["loss"] if n == dag.graph.get("loss") else STYLE.get(d["op"], STYLE["named"])
+        lines.append(f"  n{n} [label={quote(label_)}, {style}];")
+        rows.setdefault(label_, []).append((t if t is not None else -1, n))
+        if t is not None:
+            steps.add(t)
+    for t in sorted(steps):  # a header row naming the steps
+        lines.append(f'  step{t} [label="t = {t}", shape=plaintext, fontcolor="#777777"];')
+    if steps:
+        lines.append("  { rank=same; " + " ".join(f"step{t};" for t in sorted(steps)) + " }")
+        lines += [
+            f"  step{a} -> step{b} [style=invis];"
+            for a, b in zip(sorted(steps), sorted(steps)[1:], strict=False)
+        ]
+    for members in rows.values():
+        members.sort()
+        if len(members) > 1:
+            lines.append("  { rank=same; " + " ".join(f"n{n};" for _, n in members) + " }")
+            lines += [
+                f"  n{a} -> n{b} [style=invis];" for (_, a), (_, b) in itertools.pairwise(members)
+            ]
+    # one row per variable, stacked in dataflow order; a step's nodes share a column
+    order = sorted(rows.values(), key=lambda ms: min(n for _, n in ms))
+    below = {t: f"step{t}" for t in steps}
+    for members in order:
+        for t, n in members:
+            if t in below:
+                lines.append(f"  {below[t]} -> n{n} [style=invis, weight=10];")
+                below[t] = f"n{n}"
     for u, v in view.edges:
         tu = dag.nodes[u].get("orig", (None, None))[1]
         tv = dag.nodes[v].get("orig", (None, None))[1]
         across = tu is not None and tv is not None and tu != tv
-        style = ' [color="#c0392b", penwidth=1.4]' if across else ""
+        style = ' [color="#c0392b", penwidth=1.6, constraint=false]' if across else ""
         lines.append(f"  n{u} -> n{v}{style};")
     lines.append("}")
     return "\n".join(lines) + "\n"

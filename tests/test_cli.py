@@ -52,7 +52,7 @@ def test_graph_dot_and_unrolled(tmp_path, capsys):
     assert text.startswith('digraph "elman"') and 'label="t-1"' in text and "style=dashed" in text
     assert main(["graph", os.path.join(SPECS, "birnn.rnn"), "--unroll", "3"]) == 0
     dot = capsys.readouterr().out
-    assert "rankdir=LR" in dot and 'label="t = 2"' in dot
+    assert "rankdir=BT" in dot and "t = 2" in dot and "constraint=false" in dot
 
 
 def test_graph_png_needs_graphviz(tmp_path, capsys):
