@@ -188,7 +188,10 @@ class Emitter:
         body: list[str] = []
         self.lines = body
         seen: set = set()
-        for step in self.plan.steps:
+        frees = self.frees()
+        for i, step in enumerate(self.plan.steps):
+            if frees.get(i):
+                body.append(f"    del {', '.join(sorted(frees[i]))}  # no later step reads these")
             if isinstance(step, Once):
                 n = step.node
                 if n in self.inline or OPS[self.g.nodes[n]["op"]].kind == "leaf":
@@ -198,6 +201,42 @@ class Emitter:
             else:
                 self.loop(step, seen)
         return body
+
+    def reads(self, n: int) -> set[int]:
+        """The variables n's statement reads (through operands folded into it)."""
+        out = set()
+        for u, _ in operands(self.g, n):
+            if u in self.inline:
+                out |= self.reads(u)
+            else:
+                out.add(u)
+        return out
+
+    def frees(self) -> dict[int, set[str]]:
+        """Before step i: the arrays no step from i on reads (a memory plan: the backward
+        pass keeps only what it reads)."""
+        g, plan = self.g, self.plan
+        keep = set(plan.wanted.values())
+        keep |= {n for n, (past, _) in plan.pads.items() if past and init_of(g, n) is not None}
+        keep |= {init_of(g, n) for n in g.nodes if init_of(g, n) is not None}
+        last: dict[int, int] = {}
+        made: dict[int, int] = {}
+        for i, step in enumerate(plan.steps):
+            nodes = [step.node] if isinstance(step, Once) else step.nodes
+            for n in nodes:
+                made[n] = i
+                for u in self.reads(n):
+                    last[u] = i
+        out: dict[int, set[str]] = {}
+        for u, i in last.items():
+            d = g.nodes[u]
+            if u in keep or u in self.inline or OPS[d["op"]].kind == "leaf" or u not in made:
+                continue
+            if isinstance(plan.steps[made[u]], Loop) and u not in plan.stored:
+                continue  # a loop-local value, not an array
+            if i + 1 < len(plan.steps):
+                out.setdefault(i + 1, set()).add(self.name(u))
+        return out
 
     def padded(self, n: int, text: str) -> str:
         """A sequence read at t-k gets rows of its initial value around its T steps."""

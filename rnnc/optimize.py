@@ -334,6 +334,34 @@ def fuse_gates(g: Graph) -> bool:
     return changed
 
 
+def read_parts_through_concat(g: Graph) -> bool:
+    """Outside a loop, read a part of a concat made in the loop as a slice of the concat:
+    the concat is kept for every step anyway, so the part needs no buffer of its own
+    (the fused gates' adjoints: the bias gradients read slices of one [T, B, 4H] array)."""
+    loops = in_loop(g)
+    changed = False
+    for c in list(g.nodes):
+        d = g.nodes[c]
+        if d["op"] != "concat" or d["attrs"].get("axis", -1) != -1 or c not in loops:
+            continue
+        start = 0
+        for a, k in operands(g, c):
+            width = g.nodes[a]["shape"][-1]
+            outside = [
+                (v, key, e) for _, v, key, e in g.out_edges(a, keys=True, data=True)
+                if loops.get(v) != loops[c] and e["delay"] == 0 and e["pos"] != "init"
+            ]  # fmt: skip
+            if k == 0 and loops.get(a) == loops[c] and outside:
+                part = add_op(g, "slice", [(c, 0)], span=g.nodes[a]["span"], start=start,
+                              stop=start + width, axis=-1)  # fmt: skip
+                for v, key, e in outside:
+                    g.remove_edge(a, v, key)
+                    g.add_edge(part, v, **e)
+                changed = True
+            start += width
+    return changed
+
+
 def simplify(g: Graph) -> None:
     for _ in range(50):
         changed = False
@@ -352,6 +380,8 @@ def optimize(g: Graph, fuse: bool = True) -> Graph:
     """A simplified copy of g; with `fuse`, input projections hoisted and gates fused."""
     g = copy_graph(g)
     simplify(g)
+    if fuse and "grads" in g.graph and read_parts_through_concat(g):
+        simplify(g)
     if fuse and "grads" not in g.graph:
         if split_concat_matmul(g):
             simplify(g)
