@@ -43,11 +43,14 @@ def algebraic_loops(g: Graph) -> None:
 
 def directions(g: Graph) -> None:
     """Each recurrence must run one way: all its reads from the past, or all from the future."""
-    for comp in nx.strongly_connected_components(g):
-        delays = {
-            e["delay"] for u, v, e in g.edges(data=True) if u in comp and v in comp and e["delay"]
-        }
-        if any(k > 0 for k in delays) and any(k < 0 for k in delays):
+    comps = list(nx.strongly_connected_components(g))
+    where = {n: i for i, comp in enumerate(comps) for n in comp}
+    signs: dict[int, set[bool]] = {}
+    for u, v, e in g.edges(data=True):
+        if e["delay"] and where[u] == where[v]:
+            signs.setdefault(where[u], set()).add(e["delay"] > 0)
+    for i, comp in enumerate(comps):
+        if len(signs.get(i, ())) == 2:
             n = min(comp)
             names = sorted({g.nodes[m]["name"] for m in comp if g.nodes[m]["name"]})
             raise RnncError(

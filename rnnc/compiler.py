@@ -15,7 +15,7 @@ from .check import check, require_loss
 from .elaborate import elaborate
 from .errors import RnncError, Span, UsageError
 from .grad import grad
-from .graph import Graph
+from .graph import Graph, validate
 from .load import load_source
 from .lower import lower
 from .parse import parse
@@ -55,6 +55,13 @@ def front(text: str, file: str, dims: dict[str, int] | None = None, model: str |
     program = parse(text, file)
     g = check(infer_shapes(elaborate(program, model), dims))
     return program, g
+
+
+def checked(g: Graph) -> Graph:
+    """The IR's invariants, checked after each pass when RNNC_CHECKS=1 (the tests set it)."""
+    if os.environ.get("RNNC_CHECKS") == "1":
+        validate(g)
+    return g
 
 
 def forward_outputs(g: Graph) -> dict[str, int]:
@@ -129,19 +136,18 @@ def compile_spec(
     """Compile a spec (a path or its text) into a loaded model."""
     if target not in ("numpy",):
         raise RnncError(f"unknown target '{target}'", Span(), hint="targets: numpy", code="E502")
+    from .optimize import optimize as opt
+
     text, file = read_spec(path_or_text)
     program, g = front(text, file, dims, model)
+    checked(g)
     if optimize:
-        from .optimize import optimize as opt
-
-        g = opt(g)
-    gg = grad(g) if g.graph.get("loss") is not None else None
+        g = checked(opt(g))
+    gg = checked(grad(g)) if g.graph.get("loss") is not None else None
     if gg is not None:
         require_loss(g)
         if optimize:
-            from .optimize import optimize as opt
-
-            gg = opt(gg)
+            gg = checked(opt(gg))
     plans = plans_for(g, gg)
     source = lower(gg if gg is not None else g, plans, file)
     module = load_source(source, "rnnc_" + g.graph["model"])

@@ -64,7 +64,12 @@ def add_op(g: Graph, op: str, operands=(), var=None, span: Span = NOWHERE, **att
 
 def operands(g: Graph, n: int) -> list[tuple[int, int]]:
     """(source, delay) of each operand of n, in operand order."""
-    ins = [(d["pos"], u, d["delay"]) for u, _, d in g.in_edges(n, data=True) if d["pos"] != "init"]
+    ins = [
+        (d["pos"], u, d["delay"])
+        for u, keyed in g.pred[n].items()  # (adjacency directly: much faster than in_edges)
+        for d in keyed.values()
+        if d["pos"] != "init"
+    ]
     return [(u, k) for _, u, k in sorted(ins)]
 
 
@@ -185,6 +190,18 @@ def order(g: Graph) -> list[int]:
         return list(nx.lexicographical_topological_sort(same_step))
     except nx.NetworkXUnfeasible:
         return sorted(g.nodes)
+
+
+def upstream(g: Graph, nodes) -> set[int]:
+    """`nodes` and everything they depend on, by any edge (one walk for all of them)."""
+    seen = set(nodes)
+    stack = list(seen)
+    while stack:
+        for u in g.pred[stack.pop()]:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
 
 
 def validate(g: Graph) -> None:

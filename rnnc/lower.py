@@ -7,6 +7,7 @@ step reads like the equation it came from.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import keyword
 import re
@@ -15,7 +16,7 @@ from typing import Any
 from . import kernels
 from .graph import Graph, init_of, is_seq, operands
 from .interpret import context
-from .ops import OPS, operand_text, render, slot_prec, slot_uses
+from .ops import OPS, operand_text, render, slot_prec_of, slot_uses
 from .schedule import Loop, Once, Plan
 
 MAX_NAME = 24
@@ -75,6 +76,7 @@ class Emitter:
     def __init__(self, plan: Plan, namer: Namer, dims: dict[str, int]):
         self.plan, self.g, self.name = plan, plan.graph, namer
         self.loops = plan.loop_of()
+        self.loop_ids = {id(s): i for i, s in enumerate(plan.steps)}
         self.inline = self.inlined()
         self.lines: list[str] = []
         self.src = self.g.graph.get("source", "").splitlines()
@@ -113,7 +115,7 @@ class Emitter:
         T = ctx["T"]
         name = self.name(u)
         if loop is not None:
-            if self.loops.get(u) == id_of(self.plan, loop) and k == 0:
+            if self.loops.get(u) == self.loop_ids[id(loop)] and k == 0:
                 return name + "_t"
             plain = f"{name}[{at('t', past - k)}]"
             if k == 0 or self.unmasked(u, k):
@@ -160,7 +162,7 @@ class Emitter:
             text, prec = self.operand(u, k, loop)
             du = g.nodes[u]
             bcast = operand_text(text, du["shape"], du["level"], d["shape"])
-            need = 9 if bcast != text else slot_prec(op, i)
+            need = 9 if bcast != text else slot_prec_of(op.name, i)
             if prec < need:
                 text = f"({text})"
             args.append(operand_text(text, du["shape"], du["level"], d["shape"]))
@@ -281,10 +283,6 @@ class Emitter:
             if n in self.plan.stored:
                 past = self.plan.pads.get(n, (0, 0))[0]
                 out.append(f"        {name}[{at('t', past)}] = {name}_t")
-
-
-def id_of(plan: Plan, loop: Loop) -> int:
-    return plan.steps.index(loop)
 
 
 # ----- the module -----
@@ -487,20 +485,30 @@ def context_names(dom: str) -> tuple[str, str]:
     return f"T_{tag}", f"M_{tag}"
 
 
+@functools.cache
+def helper_sources() -> dict[str, tuple[int, str, set[str]]]:
+    """kernels.py function -> (line, source, the helpers it calls)."""
+    funcs = {n: f for n, f in vars(kernels).items() if inspect.isfunction(f)}
+    out = {}
+    for n, f in funcs.items():
+        src = inspect.getsource(f).rstrip()
+        body = src.split(":", 1)[1]
+        out[n] = (f.__code__.co_firstlineno, src, {m for m in funcs if m != n and f"{m}(" in body})
+    return out
+
+
 def used_helpers(code: str) -> str:
     """The kernels.py functions the code calls (and those they call), in file order."""
-    funcs = {n: f for n, f in vars(kernels).items() if inspect.isfunction(f)}
+    table = helper_sources()
+    called = set(re.findall(r"\b(\w+)\(", code))
     need: set[str] = set()
-    todo = [n for n in funcs if re.search(rf"\b{n}\(", code)]
+    todo = [n for n in table if n in called]
     while todo:
         n = todo.pop()
-        if n in need:
-            continue
-        need.add(n)
-        src = inspect.getsource(funcs[n])
-        todo += [m for m in funcs if m not in need and re.search(rf"\b{m}\(", src.split(":", 1)[1])]
-    order = sorted(need, key=lambda n: funcs[n].__code__.co_firstlineno)
-    return "\n\n".join(inspect.getsource(funcs[n]).rstrip() for n in order)
+        if n not in need:
+            need.add(n)
+            todo += list(table[n][2])
+    return "\n\n".join(table[n][1] for n in sorted(need, key=lambda n: table[n][0]))
 
 
 def lower(g: Graph, plans: dict[str, Plan], spec_path: str = "<spec>") -> str:

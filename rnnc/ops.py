@@ -433,6 +433,11 @@ def operand_text(text: str, shape: Shape, level: str, out_shape: Shape) -> str:
     return text
 
 
+@functools.cache
+def slot_prec_of(name: str, i: int) -> int:
+    return slot_prec(OPS[name], i)
+
+
 def slot_prec(op: Op, i: int) -> int:
     """The precedence operand i's text needs inside op's template: as declared in `slots`,
     else 0 where {i} stands alone as a call argument, else 9 (an atom)."""

@@ -10,7 +10,7 @@ import networkx as nx
 import numpy as np
 
 from . import kernels
-from .graph import Graph, add_op, copy_graph, init_of, operands, set_init
+from .graph import Graph, add_op, copy_graph, init_of, operands, set_init, upstream
 from .ops import GLOBAL, OPS, render
 
 TABLES = ("params", "inputs", "targets", "outputs", "grads", "adjoints")
@@ -224,10 +224,7 @@ def roots(g: Graph) -> set[int]:
 
 
 def dead_code(g: Graph) -> bool:
-    live = set()
-    for r in roots(g):
-        if r in g:
-            live |= nx.ancestors(g, r) | {r}
+    live = upstream(g, [r for r in roots(g) if r in g])
     dead = [n for n in g.nodes if n not in live]
     g.remove_nodes_from(dead)
     return bool(dead)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from .errors import RnncError
-from .graph import Graph, is_seq, label
+from .graph import Graph, is_seq, label, upstream
 from .ops import OPS
 
 
@@ -38,10 +38,7 @@ class Plan:
 
 
 def needed(g: Graph, wanted: dict[str, int]) -> set[int]:
-    keep: set[int] = set()
-    for n in wanted.values():
-        keep |= nx.ancestors(g, n) | {n}
-    return keep
+    return upstream(g, wanted.values())
 
 
 def schedule(g: Graph, wanted: dict[str, int]) -> Plan:
