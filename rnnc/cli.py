@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .compiler import parse_dims
+from .compiler import parse_dims, read_file
 from .errors import RnncError, UsageError, render
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
@@ -88,7 +88,7 @@ def cmd_fmt(a) -> int:
 
     status = 0
     for path in a.spec:
-        text, file = read(path)
+        text, file = read_file(path)
         out = format_program(parse(text, file))
         if a.check:
             if out != text:
@@ -101,16 +101,6 @@ def cmd_fmt(a) -> int:
         else:
             sys.stdout.write(out)
     return status
-
-
-def read(path: str) -> tuple[str, str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read(), path
-    except FileNotFoundError:
-        raise RnncError(f"no such file: {path}", code="E500") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise RnncError(f"cannot read {path}: {e}", code="E500") from None
 
 
 def cmd_graph(a) -> int:

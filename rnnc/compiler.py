@@ -37,16 +37,21 @@ def parse_dims(items: Sequence[str] | None) -> dict[str, int]:
     return out
 
 
+def read_file(path: str) -> tuple[str, str]:
+    """(text, path) of a spec file, or a clear error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(), path
+    except FileNotFoundError:
+        raise RnncError(f"no such file: {path}", code="E500") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RnncError(f"cannot read {path}: {e}", code="E500") from None
+
+
 def read_spec(path_or_text: str) -> tuple[str, str]:
     """(text, file name): a path to a .rnn file, or the spec's text itself."""
     if "\n" not in path_or_text and (path_or_text.endswith(".rnn") or os.path.exists(path_or_text)):
-        try:
-            with open(path_or_text, encoding="utf-8") as f:
-                return f.read(), path_or_text
-        except FileNotFoundError:
-            raise RnncError(f"no such file: {path_or_text}", code="E500") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise RnncError(f"cannot read {path_or_text}: {e}", code="E500") from None
+        return read_file(path_or_text)
     return path_or_text, "<spec>"
 
 
