@@ -106,3 +106,54 @@ def test_run_corrupt_and_empty_files(tmp_path, capsys):
         data.write_bytes(content)
         assert main(["run", ELMAN, "--data", str(data)]) == 1
         assert "not a readable .npz" in capsys.readouterr().err
+
+
+def test_unused_inputs_and_params_are_warnings(tmp_path, capsys):
+    p = tmp_path / "w.rnn"
+    p.write_text("model m {\n  dim H = 2\n  input x[H] : sequence\n  input z[H] : sequence\n"
+                 "  param W[H, H], spare[H]\n  s = tanh(W @ x + s[t-1])\n}\n")  # fmt: skip
+    assert main(["check", str(p)]) == 0
+    err = capsys.readouterr().err
+    assert "warning[W001]: input 'z' is never used" in err
+    assert "warning[W001]: param 'spare' is never used" in err
+
+
+def test_run_with_saved_params(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    from rnnc.compiler import compile_spec
+
+    m = compile_spec(ELMAN)
+    params = m.init_params(3)
+    np.savez(tmp_path / "p.npz", **params)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(4, 2, 27)), y=rng.integers(0, 27, (4, 2)))
+    assert main(["run", ELMAN, "--data", str(tmp_path / "d.npz"), "--params", str(tmp_path / "p.npz"),
+                 "-o", str(tmp_path / "o.npz")]) == 0  # fmt: skip
+    with np.load(tmp_path / "o.npz") as z:
+        want = m.loss(params, {"x": rng.normal(size=(4, 2, 27))}, {"y": np.zeros((4, 2), int)})
+        assert z["o"].shape == want["o"].shape
+    bad = dict(params, W=np.zeros((3, 3), np.float32))
+    np.savez(tmp_path / "bad.npz", **bad)
+    assert (
+        main(
+            ["run", ELMAN, "--data", str(tmp_path / "d.npz"), "--params", str(tmp_path / "bad.npz")]
+        )
+        == 1
+    )
+    assert "parameter 'W' is [3, 3], the spec says [64, 64]" in capsys.readouterr().err
+
+
+def test_gradcheck_fails_when_the_tolerance_is_impossible(capsys):
+    code = main(["gradcheck", ELMAN, "--dim", "H=3", "--dim", "V=3", "--tol", "1e-30"])
+    assert code == 1 and "FAILED" in capsys.readouterr().out
+
+
+def test_plot_writes_a_png_or_says_what_is_missing(tmp_path, capsys):
+    png = tmp_path / "loss.png"
+    code = main(["run", os.path.join(SPECS, "adding_rnn.rnn"), "--train", "--task", "adding", "--steps", "3",
+                 "--quiet", "--plot", str(png), "--dim", "H=4"])  # fmt: skip
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert code == 1 and "needs matplotlib" in capsys.readouterr().err
+    else:
+        assert code == 0 and png.read_bytes()[:4] == b"\x89PNG"
