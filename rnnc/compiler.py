@@ -19,7 +19,7 @@ from .graph import Graph, validate
 from .load import load_source
 from .lower import lower
 from .parse import parse
-from .schedule import Plan, schedule
+from .schedule import Plan, components, schedule
 from .shapes import infer_shapes
 from .syntax import Program
 
@@ -118,16 +118,17 @@ class Model:
 
 def plans_for(g: Graph, gg: Graph | None) -> dict[str, Plan]:
     base = gg if gg is not None else g  # one graph, so one set of names for every function
-    plans = {"forward": schedule(base, forward_outputs(base))}
+    cond = components(base)
+    plans = {"forward": schedule(base, forward_outputs(base), cond)}
     if base.graph.get("loss") is not None:
-        plans["loss"] = schedule(base, dict(base.graph["outputs"]))
+        plans["loss"] = schedule(base, dict(base.graph["outputs"]), cond)
     if gg is not None:
         inputs = set(gg.graph["inputs"])
         wanted = {"loss": gg.graph["loss"]}
         wanted.update({"d" + k: v for k, v in gg.graph["grads"].items() if k not in inputs})
-        plans["loss_and_grads"] = schedule(gg, wanted)
+        plans["loss_and_grads"] = schedule(gg, wanted, cond)
         wanted.update({"d" + k: v for k, v in gg.graph["grads"].items()})
-        plans["loss_and_all_grads"] = schedule(gg, wanted)
+        plans["loss_and_all_grads"] = schedule(gg, wanted, cond)
     return plans
 
 

@@ -185,7 +185,9 @@ def cse(g: Graph) -> bool:
     """Two nodes with the same op, attrs and operands are one."""
     seen: dict[tuple, int] = {}
     changed = False
-    for n in list(nx.topological_sort(same_step(g))):
+    for n in sorted(
+        g.nodes
+    ):  # creation order: operands first, nearly always; the fixpoint does the rest
         if n not in g:
             continue
         d = g.nodes[n]
@@ -204,13 +206,6 @@ def cse(g: Graph) -> bool:
         replace(g, n, other)
         changed = True
     return changed
-
-
-def same_step(g: Graph) -> nx.DiGraph:
-    s = nx.DiGraph()
-    s.add_nodes_from(g.nodes)
-    s.add_edges_from((u, v) for u, v, e in g.edges(data=True) if e["delay"] == 0)
-    return s
 
 
 def roots(g: Graph) -> set[int]:

@@ -41,36 +41,44 @@ def needed(g: Graph, wanted: dict[str, int]) -> set[int]:
     return upstream(g, wanted.values())
 
 
-def schedule(g: Graph, wanted: dict[str, int]) -> Plan:
+def components(g: Graph) -> nx.DiGraph:
+    """The condensation of the whole graph: its strongly connected components as a DAG.
+    Every plan keeps a set closed under dependencies, so its components are among these."""
+    return nx.condensation(g)
+
+
+def schedule(g: Graph, wanted: dict[str, int], cond: nx.DiGraph | None = None) -> Plan:
     """The steps that compute `wanted`, each node once, in an order that respects every edge."""
     keep = needed(g, wanted)
-    sub = g.subgraph(keep)
-    cond = nx.condensation(sub)
-    comps = {c: sorted(cond.nodes[c]["members"]) for c in cond.nodes}
+    cond = components(g) if cond is None else cond
+    mapping = cond.graph["mapping"]
+    kept = {mapping[n] for n in keep}
+    comps = {c: sorted(cond.nodes[c]["members"]) for c in kept}
     # forward work before adjoint work, each in creation order: readable and memory-friendly
-    topo = nx.lexicographical_topological_sort(cond, key=lambda c: min(comps[c]))
+    topo = nx.lexicographical_topological_sort(cond.subgraph(kept), key=lambda c: min(comps[c]))
     steps: list[Once | Loop] = []
     for c in topo:
         nodes = comps[c]
-        if len(nodes) == 1 and not sub.has_edge(nodes[0], nodes[0]):
+        if len(nodes) == 1 and not g.has_edge(nodes[0], nodes[0]):
             steps.append(Once(nodes[0]))
             continue
-        steps.append(make_loop(g, sub, nodes))
+        steps.append(make_loop(g, nodes))
     plan = Plan(g, steps, dict(wanted))
     plan.pads = pads(g, keep)
     loops = plan.loop_of()
     for n, i in loops.items():
         outside = any(
-            loops.get(v) != i or d["delay"] != 0 for _, v, d in sub.out_edges(n, data=True)
+            v in keep and (loops.get(v) != i or d["delay"] != 0)
+            for _, v, d in g.out_edges(n, data=True)
         )
         if outside or n in wanted.values() or plan.pads.get(n, (0, 0)) != (0, 0):
             plan.stored.add(n)
     return plan
 
 
-def make_loop(g: Graph, sub: Graph, nodes: list[int]) -> Loop:
+def make_loop(g: Graph, nodes: list[int]) -> Loop:
     comp = set(nodes)
-    delays = {d["delay"] for u, v, d in sub.edges(nodes, data=True) if v in comp and d["delay"]}
+    delays = {d["delay"] for u, v, d in g.edges(nodes, data=True) if v in comp and d["delay"]}
     levels = {g.nodes[n]["level"] for n in nodes}
     bad = [
         n
@@ -95,7 +103,7 @@ def make_loop(g: Graph, sub: Graph, nodes: list[int]) -> Loop:
     same = nx.DiGraph()
     same.add_nodes_from(nodes)
     same.add_edges_from(
-        (u, v) for u, v, d in sub.edges(nodes, data=True) if v in comp and d["delay"] == 0
+        (u, v) for u, v, d in g.edges(nodes, data=True) if v in comp and d["delay"] == 0
     )
     body = list(nx.lexicographical_topological_sort(same))
     return Loop(levels.pop(), direction, body)
