@@ -279,9 +279,23 @@ class Emitter:
                 continue
             self.comment(n, "        ", seen)
             name = self.name(n)
+            past = self.plan.pads.get(n, (0, 0))[0]
+            if (
+                n in self.plan.stored
+                and g.nodes[n]["op"] == "concat"
+                and g.nodes[n]["attrs"].get("axis", -1) == -1
+            ):
+                # build the joined vector in its row of the buffer: no temporary, no copy
+                out.append(f"        {name}_t = {name}[{at('t', past)}]")
+                start = 0
+                for u, k in operands(g, n):
+                    width = g.nodes[u]["shape"][-1]
+                    text, _ = self.operand(u, k, loop)
+                    out.append(f"        {name}_t[..., {start}:{start + width}] = {text}")
+                    start += width
+                continue
             out.append(f"        {name}_t = {self.expr(n, loop)}")
             if n in self.plan.stored:
-                past = self.plan.pads.get(n, (0, 0))[0]
                 out.append(f"        {name}[{at('t', past)}] = {name}_t")
 
 

@@ -63,6 +63,7 @@ def schedule(g: Graph, wanted: dict[str, int], cond: nx.DiGraph | None = None) -
             steps.append(Once(nodes[0]))
             continue
         steps.append(make_loop(g, nodes))
+    steps = sink_elementwise(g, steps, set(wanted.values()), keep)
     plan = Plan(g, steps, dict(wanted))
     plan.pads = pads(g, keep)
     loops = plan.loop_of()
@@ -74,6 +75,53 @@ def schedule(g: Graph, wanted: dict[str, int], cond: nx.DiGraph | None = None) -
         if outside or n in wanted.values() or plan.pads.get(n, (0, 0)) != (0, 0):
             plan.stored.add(n)
     return plan
+
+
+def sink_elementwise(
+    g: Graph, steps: list[Once | Loop], wanted: set[int], keep: set[int]
+) -> list[Once | Loop]:
+    """Move an elementwise step that reads a loop's output, and whose every reader sits in one
+    later loop, into that loop: over the whole sequence it only adds a [T, B, ...] array to
+    fill and read back (1 - y*y, tanh' from the forward loop's y, read by the backward loop)."""
+    loop_of = {n: s for s in steps if isinstance(s, Loop) for n in s.nodes}
+    changed = True
+    while changed:
+        changed = False
+        for s in list(steps):
+            if not isinstance(s, Once):
+                continue
+            n, d = s.node, g.nodes[s.node]
+            op = OPS[d["op"]]
+            if op.kind != "pointwise" or d["op"] in ("matmul", "matmul_t") or n in wanted:
+                continue
+            if not is_seq(d["level"]) or any(e["delay"] for _, _, e in g.in_edges(n, data=True)):
+                continue
+            if not any(u in loop_of for u in g.pred[n]):
+                continue  # it reads only values made before any loop: hoisted on purpose
+            readers = {id(loop_of.get(v)) for _, v in g.out_edges(n) if v in keep}
+            if len(readers) != 1 or id(None) in readers:
+                continue
+            target = next(loop_of[v] for _, v in g.out_edges(n) if v in keep)
+            if (
+                any(e["delay"] for _, v, e in g.out_edges(n, data=True) if v in keep)
+                or target.dom != d["level"]
+            ):
+                continue
+            steps.remove(s)
+            target.nodes = body_order(g, [*target.nodes, n])
+            loop_of[n] = target
+            changed = True
+    return steps
+
+
+def body_order(g: Graph, nodes: list[int]) -> list[int]:
+    inside = set(nodes)
+    same = nx.DiGraph()
+    same.add_nodes_from(nodes)
+    same.add_edges_from(
+        (u, v) for u, v, d in g.edges(nodes, data=True) if v in inside and d["delay"] == 0
+    )
+    return list(nx.lexicographical_topological_sort(same))
 
 
 def make_loop(g: Graph, nodes: list[int]) -> Loop:
@@ -100,13 +148,7 @@ def make_loop(g: Graph, nodes: list[int]) -> Loop:
             code="E407",
         )
     direction = -1 if any(k < 0 for k in delays) else 1
-    same = nx.DiGraph()
-    same.add_nodes_from(nodes)
-    same.add_edges_from(
-        (u, v) for u, v, d in g.edges(nodes, data=True) if v in comp and d["delay"] == 0
-    )
-    body = list(nx.lexicographical_topological_sort(same))
-    return Loop(levels.pop(), direction, body)
+    return Loop(levels.pop(), direction, body_order(g, nodes))
 
 
 def pads(g: Graph, keep: set[int]) -> dict[int, tuple[int, int]]:
