@@ -91,6 +91,8 @@ def onehot(i, n, dtype):
 
 def loss_weights(shape, M, mode):
     # the weight of each per-step, per-sequence loss in the total: 1/B, or 1/(B*L) for mean
+    if M is None and (mode == "sum" or len(shape) == 1):
+        return 1.0 / shape[-1]  # the same for all: a number, not an array
     w = np.full(shape, 1.0 / shape[-1])
     if len(shape) == 2:
         if M is not None:
@@ -106,16 +108,18 @@ def loss_reduce(l, M, mode):
 
 
 def loss_spread(g, l, M, mode):
-    return (g * loss_weights(l.shape, M, mode)).astype(l.dtype)
+    return np.broadcast_to(np.asarray(g * loss_weights(l.shape, M, mode), l.dtype), l.shape)
 
 
 def loss_step(l, M, T, t, mode):
     # one step's share of loss_reduce, for the unrolled reference
-    return (l * loss_weights((T, *l.shape), M, mode)[t]).sum().astype(l.dtype)
+    w = np.broadcast_to(loss_weights((T, *l.shape), M, mode), (T, *l.shape))[t]
+    return (l * w).sum().astype(l.dtype)
 
 
 def loss_step_d(g, l, M, T, t, mode):
-    return (g * loss_weights((T, *l.shape), M, mode)[t]).astype(l.dtype)
+    w = np.broadcast_to(loss_weights((T, *l.shape), M, mode), (T, *l.shape))[t]
+    return (g * w).astype(l.dtype)
 
 
 def last_step(h, M):
