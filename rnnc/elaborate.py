@@ -479,9 +479,7 @@ class Elaborator:
 
     # ----- after every equation is built -----
     def resolve(self) -> None:
-        for node, pos, name, delay, scope, _ in self.pending:
-            self.g.add_edge(scope.roots[name], node, pos=pos, delay=delay)
-        self.pending.clear()
+        self.resolve_pending()
         for d, init, scope, span in self.deferred_inits:
             self.wire_init(d, init, scope, span)
         for u in sorted({u for u, _, e in self.g.edges(data=True) if e["delay"] != 0}):

@@ -69,7 +69,6 @@ def interpret(
 ) -> dict[int, np.ndarray]:
     """The value of every node of an unrolled DAG."""
     targets, carry, state_init = targets or {}, carry or {}, state_init or {}
-    B = next(iter(v for v in {**inputs, **targets}.values())).shape[-2 if True else 0]
     T = dag.graph["T"]
     first_seq = next(
         (v for k, v in {**inputs, **targets}.items() if is_seq(level_of(dag, k))), None

@@ -9,7 +9,6 @@ Every graph node names an op here. An entry holds:
                                   nodes, so a gradient is a graph in the same IR
   numpy: a template over operands {0} {1} ..., {args} (variadic), attrs by name, and the
          context {M} (the step mask of the op's domain), {T}, {t}, {B}, {dt}, {rng}
-  cuda:  the same op as a CUDA C expression, for fused elementwise kernels (None: not fusable)
 Ops used only inside gradients have vjp=None with a comment: rnnc takes first derivatives.
 This module imports nothing from rnnc.
 """
@@ -47,7 +46,6 @@ class Op:
     numpy: str
     vjp: Callable[..., list[Any]] | None = None
     level: Callable[..., str] = top_level
-    cuda: str | None = None
     kind: str = "pointwise"  # 'pointwise' (per step) | 'collective' (whole sequence) | 'leaf'
     domain: str = "real"  # where tests sample operands: real | positive | away0 | unit
     smooth: bool = True  # False: a kink (relu); gradient checks sample away from it
@@ -246,7 +244,6 @@ defop(
     prec=1,
     slots=(1, 2),
     vjp=lambda g, y, a, b: [g, g],
-    cuda="{0} + {1}",
 )
 defop(
     "sub",
@@ -256,7 +253,6 @@ defop(
     prec=1,
     slots=(1, 2),
     vjp=lambda g, y, a, b: [g, -g],
-    cuda="{0} - {1}",
 )
 defop(
     "mul",
@@ -266,12 +262,10 @@ defop(
     prec=2,
     slots=(2, 3),
     vjp=lambda g, y, a, b: [g * b, g * a],
-    cuda="{0} * {1}",
 )
-defop("div", 2, same, "{0} / {1}", prec=2, slots=(2, 3), vjp=lambda g, y, a, b: [g / b, -(g * y) / b],
-      cuda="{0} / {1}", domain="away0")  # fmt: skip
-defop("neg", 1, same, "-{0}", prec=4, slots=(4,), vjp=lambda g, y, x: [-g], cuda="-{0}")
-defop("identity", 1, same, "{0}", vjp=lambda g, y, x: [g], cuda="{0}")
+defop("div", 2, same, "{0} / {1}", prec=2, slots=(2, 3), vjp=lambda g, y, a, b: [g / b, -(g * y) / b], domain="away0")  # fmt: skip
+defop("neg", 1, same, "-{0}", prec=4, slots=(4,), vjp=lambda g, y, x: [-g])
+defop("identity", 1, same, "{0}", vjp=lambda g, y, x: [g])
 defop(
     "sum",
     None,
@@ -283,32 +277,25 @@ defop(
     user=False,
     sep=" + ",
 )
-defop("tanh", 1, same, "np.tanh({0})", vjp=lambda g, y, x: [g * (1 - y * y)], cuda="tanh({0})")
-defop("sigmoid", 1, same, "sigmoid({0})", vjp=lambda g, y, x: [g * y * (1 - y)],
-      cuda="(0.5 * (1 + tanh(0.5 * {0})))")  # fmt: skip
-defop("relu", 1, same, "np.maximum({0}, 0)", vjp=lambda g, y, x: [g * x.op("step")],
-      cuda="fmax({0}, 0.0)", smooth=False)  # fmt: skip
-defop("exp", 1, same, "np.exp({0})", vjp=lambda g, y, x: [g * y], cuda="exp({0})")
-defop("log", 1, same, "np.log({0})", vjp=lambda g, y, x: [g / x], cuda="log({0})",
+defop("tanh", 1, same, "np.tanh({0})", vjp=lambda g, y, x: [g * (1 - y * y)])
+defop("sigmoid", 1, same, "sigmoid({0})", vjp=lambda g, y, x: [g * y * (1 - y)])  # fmt: skip
+defop("relu", 1, same, "np.maximum({0}, 0)", vjp=lambda g, y, x: [g * x.op("step")], smooth=False)  # fmt: skip
+defop("exp", 1, same, "np.exp({0})", vjp=lambda g, y, x: [g * y])
+defop("log", 1, same, "np.log({0})", vjp=lambda g, y, x: [g / x],
       domain="positive")  # fmt: skip
-defop("softplus", 1, same, "np.logaddexp({0}, 0)", vjp=lambda g, y, x: [g * x.op("sigmoid")],
-      cuda="(fmax({0}, 0.0) + log1p(exp(-fabs({0}))))")  # fmt: skip
+defop("softplus", 1, same, "np.logaddexp({0}, 0)", vjp=lambda g, y, x: [g * x.op("sigmoid")])  # fmt: skip
 defop("elu", 1, same, "elu({0}, {alpha!r})", smooth=False, attrs={"alpha": 1.0},
-      vjp=lambda g, y, x, alpha: [g * x.op("elu_d", alpha=alpha)],
-      cuda="({0} > 0 ? {0} : {alpha!r} * expm1({0}))")  # fmt: skip
+      vjp=lambda g, y, x, alpha: [g * x.op("elu_d", alpha=alpha)])  # fmt: skip
 defop("leaky_relu", 1, same, "np.where({0} > 0, {0}, {alpha!r} * {0})", smooth=False,
-      attrs={"alpha": 0.01}, vjp=lambda g, y, x, alpha: [g * x.op("leaky_d", alpha=alpha)],
-      cuda="({0} > 0 ? {0} : {alpha!r} * {0})")  # fmt: skip
+      attrs={"alpha": 0.01}, vjp=lambda g, y, x, alpha: [g * x.op("leaky_d", alpha=alpha)])  # fmt: skip
 defop("hard_sigmoid", 1, same, "np.clip(0.2 * {0} + 0.5, 0, 1)", smooth=False,
-      vjp=lambda g, y, x: [g * x.op("hard_sigmoid_d")],
-      cuda="fmin(fmax(0.2 * {0} + 0.5, 0.0), 1.0)")  # fmt: skip
+      vjp=lambda g, y, x: [g * x.op("hard_sigmoid_d")])  # fmt: skip
 # derivatives of the kinked activations (used only inside gradients)
-defop("step", 1, same, "step({0})", cuda="({0} > 0 ? 1.0 : 0.0)", user=False)
-defop("elu_d", 1, same, "np.where({0} > 0, 1, {alpha!r} * np.exp(np.minimum({0}, 0)))",
-      cuda="({0} > 0 ? 1.0 : {alpha!r} * exp({0}))", user=False)  # fmt: skip
-defop("leaky_d", 1, same, "np.where({0} > 0, 1, {alpha!r})", cuda="({0} > 0 ? 1.0 : {alpha!r})",
+defop("step", 1, same, "step({0})", user=False)
+defop("elu_d", 1, same, "np.where({0} > 0, 1, {alpha!r} * np.exp(np.minimum({0}, 0)))", user=False)  # fmt: skip
+defop("leaky_d", 1, same, "np.where({0} > 0, 1, {alpha!r})",
       user=False)  # fmt: skip
-defop("hard_sigmoid_d", 1, same, "0.2 * (np.abs({0}) < 2.5)", cuda="(fabs({0}) < 2.5 ? 0.2 : 0.0)",
+defop("hard_sigmoid_d", 1, same, "0.2 * (np.abs({0}) < 2.5)",
       user=False)  # fmt: skip
 
 # ----- Over the feature axis -----

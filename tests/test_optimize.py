@@ -65,3 +65,15 @@ def test_backward_of_fused_gates_is_one_gemm_per_step():
 def test_pretty_prints_delays_like_the_spec():
     g = graph_of("  s = tanh(W @ x + U @ s[t-1])")
     assert "s[t-1]" in pretty(g)
+
+
+def test_plan_printer_names_loops_and_directions():
+    from rnnc.schedule import describe
+
+    m = compile_spec(os.path.join(SPECS, "birnn.rnn"))
+    text = describe(m.plans["loss_and_grads"])
+    assert text.count("loop forward over x") == 2 and text.count("loop backward over x") == 2
+    lines = text.splitlines()
+    # BPTT: each direction's adjoint loop runs the other way; weight gradients are one product
+    assert "loop backward over x: dh.fwd.h" in " ".join(lines).replace(", %", " %")
+    assert "once dh.fwd.W = outer" in lines and "once dh.bwd.U = outer" in lines
