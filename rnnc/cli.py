@@ -191,7 +191,6 @@ def load_params(path: str, m, dtype) -> dict[str, np.ndarray]:
     from .files import load_npz
 
     arrays = load_npz(path, "params file")
-    arrays = arrays.get("__params__", arrays) if isinstance(arrays, dict) else arrays
     out = {}
     for name, (shape, _, _) in m.params.items():
         key = name if name in arrays else f"param/{name}"

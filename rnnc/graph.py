@@ -88,16 +88,6 @@ def set_init(g: Graph, n: int, init: int) -> None:
     g.add_edge(init, n, pos="init", delay=0)
 
 
-def consumers(g: Graph, n: int) -> list[tuple[int, int, Any]]:
-    """(consumer, delay, pos) of each edge out of n."""
-    return [(v, d["delay"], d["pos"]) for _, v, d in g.out_edges(n, data=True)]
-
-
-def states(g: Graph) -> list[int]:
-    """Nodes read at another time step: the carried state of some recurrence."""
-    return sorted({u for u, _, d in g.edges(data=True) if d["delay"] != 0})
-
-
 def is_seq(level: str | None) -> bool:
     return level not in (GLOBAL, STATIC, None)
 

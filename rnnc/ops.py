@@ -214,10 +214,6 @@ def at_dom(*levels: str, **attrs) -> str:
     return attrs["dom"]
 
 
-def per_sequence(*levels: str, **attrs) -> str:
-    return top_level(*levels, STATIC)
-
-
 def reduce_level(*levels: str, **attrs) -> str:
     return attrs["level"]
 

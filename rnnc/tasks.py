@@ -98,21 +98,3 @@ class Text:
         index = {c: i for i, c in enumerate(self.chars)}
         self.ids = np.array([index.get(c, 0) for c in text], dtype=np.int64)
         self.vocab = len(self.chars)
-
-    def windows(self, rng, T: int, B: int):
-        """B parallel streams read T characters at a time (truncated BPTT carries across)."""
-        n = (len(self.ids) - 1) // B
-        starts = np.arange(B) * n
-        offset = 0
-        while True:
-            if offset + T >= n:
-                offset = 0
-                yield None  # the streams wrap: the carried state is reset
-            idx = starts[None, :] + offset + np.arange(T)[:, None]
-            x = self.ids[idx]
-            y = self.ids[idx + 1]
-            offset += T
-            yield {"x": np.eye(self.vocab)[x]}, {"y": y}, None
-
-    def decode(self, ids) -> str:
-        return "".join(self.chars[i] if i else "?" for i in ids)

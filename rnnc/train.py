@@ -131,6 +131,7 @@ class Source:
     """Training and validation batches for one task, from the run's random generator."""
 
     def __init__(self, a, m: Model):
+        self.m_inputs, self.m_targets = m.inputs, m.targets
         self.task = a.task or ("npz" if a.data else None)
         if self.task not in DEFAULTS:
             raise UsageError(
@@ -224,7 +225,6 @@ def run_training(a) -> int:
 
         require_loss(m.graph)
     src = Source(a, m)
-    src.m_inputs, src.m_targets = m.inputs, m.targets
     _, steps0, lr0, _ = DEFAULTS[src.task]
     a.steps = a.steps or steps0
     a.lr = a.lr or lr0
