@@ -64,20 +64,24 @@ def add_op(g: Graph, op: str, operands=(), var=None, span: Span = NOWHERE, **att
 
 def operands(g: Graph, n: int) -> list[tuple[int, int]]:
     """(source, delay) of each operand of n, in operand order."""
+    # the adjacency dicts directly: the optimizer asks this ~10^4 times per compile, and
+    # networkx's views cost several times the lookup itself
     ins = [
         (d["pos"], u, d["delay"])
-        for u, keyed in g.pred[n].items()  # (adjacency directly: much faster than in_edges)
+        for u, keyed in g._pred[n].items()
         for d in keyed.values()
         if d["pos"] != "init"
     ]
-    return [(u, k) for _, u, k in sorted(ins)]
+    ins.sort()
+    return [(u, k) for _, u, k in ins]
 
 
 def init_of(g: Graph, n: int) -> int | None:
     """The node holding n's initial value (read where t-k falls before the start), if any."""
-    for u, _, d in g.in_edges(n, data=True):
-        if d["pos"] == "init":
-            return u
+    for u, keyed in g._pred[n].items():
+        for d in keyed.values():
+            if d["pos"] == "init":
+                return u
     return None
 
 

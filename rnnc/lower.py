@@ -7,6 +7,7 @@ step reads like the equation it came from.
 
 from __future__ import annotations
 
+import builtins
 import functools
 import inspect
 import keyword
@@ -28,7 +29,7 @@ class Namer:
     def __init__(self, g: Graph):
         self.g = g
         self.names: dict[int, str] = {}
-        self.taken = set(dir(kernels)) | {"np", "params", "inputs", "targets", "lengths", "carry",
+        self.taken = set(dir(kernels)) | set(dir(builtins)) | set(keyword.kwlist) | {"np", "params", "inputs", "targets", "lengths", "carry",
                                           "dt", "B", "t", "rng", "out", "grads"}  # fmt: skip
 
     def __call__(self, n: int) -> str:
@@ -110,6 +111,12 @@ class Emitter:
 
     def seq_read(self, u: int, k: int, loop: Loop | None) -> str:
         g = self.g
+        base = self.plan.views.get(u)
+        if base is not None and not (
+            loop is not None and self.loops.get(u) == self.loop_ids[id(loop)]
+        ):
+            a = g.nodes[u]["attrs"]
+            return f"{self.seq_read(base, k, loop)}[..., {a['start']}:{a['stop']}]"
         past, fut = self.plan.pads.get(u, (0, 0))
         ctx = context(g, u)
         T = ctx["T"]
@@ -211,7 +218,7 @@ class Emitter:
             if u in self.inline:
                 out |= self.reads(u)
             else:
-                out.add(u)
+                out.add(self.plan.views.get(u, u))
         return out
 
     def frees(self) -> dict[int, set[str]]:

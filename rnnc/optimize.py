@@ -4,6 +4,7 @@ the input half of `W @ concat(h[t-1], x)` out of the recurrence, and gate fusion
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import networkx as nx
@@ -169,13 +170,160 @@ def pads_to_concat(g: Graph, n: int) -> bool:
     return True
 
 
-RULES: list[Callable[[Graph, int], bool]] = [
+def fold_slices(g: Graph, n: int) -> bool:
+    """x[..., 0:n] of an x n wide -> x; x[..., a:b][..., c:d] -> x[..., a+c:a+d]"""
+    d = g.nodes[n]
+    if d["op"] != "slice":
+        return False
+    (x, k), = operands(g, n)  # fmt: skip
+    if k:
+        return False
+    a = d["attrs"]
+    if a["start"] == 0 and a["stop"] == g.nodes[x]["shape"][-1]:
+        return forward_into(g, n, x)
+    if g.nodes[x]["op"] == "slice" and not g.nodes[x]["name"]:
+        (inner, ki), = operands(g, x)  # fmt: skip
+        if ki == 0:
+            base = g.nodes[x]["attrs"]["start"]
+            a["start"], a["stop"] = base + a["start"], base + a["stop"]
+            rewire(g, n, [(inner, 0)])
+            return True
+    return False
+
+
+def slice_of(g: Graph, n: int) -> tuple[int, int, int] | None:
+    """(x, start, stop) when n is a same-step slice of x's last axis."""
+    d = g.nodes[n]
+    if d["op"] != "slice":
+        return None
+    (x, k), = operands(g, n)  # fmt: skip
+    return None if k else (x, d["attrs"]["start"], d["attrs"]["stop"])
+
+
+def join_slices(g: Graph, n: int) -> bool:
+    """concat(x[..., a:b], x[..., b:c], ...) -> x[..., a:c]"""
+    d = g.nodes[n]
+    if d["op"] != "concat" or d["attrs"].get("axis", -1) != -1 or init_of(g, n) is not None:
+        return False
+    parts = [slice_of(g, u) if k == 0 else None for u, k in operands(g, n)]
+    if not parts or any(p is None or p[0] != parts[0][0] for p in parts):
+        return False
+    if any(p[2] != q[1] for p, q in itertools.pairwise(parts)):
+        return False
+    d["op"], d["attrs"] = "slice", {"start": parts[0][1], "stop": parts[-1][2], "axis": -1}
+    rewire(g, n, [(parts[0][0], 0)])
+    return True
+
+
+def factor(g: Graph, n: int) -> bool:
+    """a*b + a*c -> a*(b + c); -(a*b) + a*c -> a*(c - b)  (GRU's dz = dh*h[t-1] - dh*n)"""
+    d = g.nodes[n]
+    if d["op"] not in ("add", "sum") or init_of(g, n) is not None:
+        return False
+    ins = operands(g, n)
+    if len(ins) != 2 or any(k for _, k in ins):
+        return False
+    terms = []
+    for u, _ in ins:
+        neg = g.nodes[u]["op"] == "neg" and not g.nodes[u]["name"] and g.out_degree(u) == 1
+        if neg:
+            ((u, k),) = operands(g, u)
+            if k:
+                return False
+        if g.nodes[u]["op"] != "mul" or g.nodes[u]["name"] or g.out_degree(u) != 1:
+            return False
+        terms.append((neg, operands(g, u)))
+    (neg1, f1), (neg2, f2) = terms
+    if neg1 and neg2:
+        return False
+    common = [x for x in f1 if x in f2]
+    if not common:
+        return False
+    a = common[0]
+    b = next(x for x in f1 if x != a) if f1[0] != f1[1] else a
+    c = next(x for x in f2 if x != a) if f2[0] != f2[1] else a
+    if neg1:
+        b, c = c, b
+    op = "sub" if neg1 or neg2 else "add"
+    inner = add_op(g, op, [b, c], span=d["span"])
+    if g.nodes[inner]["shape"] != d["shape"] and g.nodes[a[0]]["shape"] != d["shape"]:
+        g.remove_node(inner)
+        return False
+    d["op"] = "mul"
+    rewire(g, n, [a, (inner, 0)])
+    return True
+
+
+def merge_delayed_terms(g: Graph, n: int) -> bool:
+    """a[t+1] + b[t+1] -> (a + b)[t+1] for a, b with no initial value (adjoints): the backward
+    loop keeps one running sum for the next step, as hand-written BPTT does, not two arrays."""
+    d = g.nodes[n]
+    if d["op"] not in ("sum", "add"):
+        return False
+    groups: dict[tuple, list[int]] = {}
+    for u, k in operands(g, n):
+        du = g.nodes[u]
+        if k and init_of(g, u) is None and du["shape"] == d["shape"]:
+            groups.setdefault((k, du["level"]), []).append(u)
+    for (k, _), us in groups.items():
+        if len(us) < 2:
+            continue
+        total = add_op(g, "sum", [(u, 0) for u in sorted(us)], span=d["span"])
+        if "adjoint_of" in d:
+            g.nodes[total]["adjoint_of"] = d["adjoint_of"]  # named after it: dh's carried part
+        rest = [(u, j) for u, j in operands(g, n) if not (j == k and u in us)]
+        d["op"] = "sum"
+        rewire(g, n, [*rest, (total, k)])
+        return True
+    return False
+
+
+def merge_edge_sums(g: Graph, n: int) -> bool:
+    """edge_sum(a, k) + edge_sum(b, k) -> edge_sum(a + b, k): the initial state's adjoint
+    reads the same running sum (merge_delayed_terms) instead of keeping a and b."""
+    d = g.nodes[n]
+    if d["op"] not in ("sum", "add"):
+        return False
+    groups: dict[str, list[int]] = {}
+    for u, k in operands(g, n):
+        du = g.nodes[u]
+        if not k and du["op"] == "edge_sum" and g.out_degree(u) == 1:
+            groups.setdefault(repr(sorted(du["attrs"].items())), []).append(u)
+    for es in groups.values():
+        srcs = [operands(g, e)[0] for e in es]
+        if len(es) < 2 or any(k for _, k in srcs):
+            continue
+        if len({(g.nodes[u]["shape"], g.nodes[u]["level"]) for u, _ in srcs}) > 1:
+            continue
+        total = add_op(g, "sum", sorted(srcs), span=d["span"])
+        merged = add_op(g, "edge_sum", [(total, 0)], span=d["span"], **g.nodes[es[0]]["attrs"])
+        rest = [(u, j) for u, j in operands(g, n) if u not in es]
+        d["op"] = "sum"
+        rewire(g, n, [*rest, (merged, 0)])
+        return True
+    return False
+
+
+SUMS = [
     fold_identity,
     drop_zero_terms,
-    algebra,
-    fold_constants,
     pads_to_concat,
+    factor,
+    merge_delayed_terms,
+    merge_edge_sums,
 ]
+# op -> the rules that can rewrite a node of that op (a table: a node meets only its own rules)
+RULES: dict[str, list[Callable[[Graph, int], bool]]] = {
+    "identity": [fold_identity],
+    "sum": SUMS,
+    "add": [algebra, *SUMS[2:]],
+    "mul": [algebra],
+    "div": [algebra],
+    "sub": [algebra],
+    "neg": [algebra],
+    "slice": [fold_slices],
+    "concat": [join_slices],
+}
 
 
 # ----- whole-graph passes -----
@@ -354,14 +502,137 @@ def read_parts_through_concat(g: Graph) -> bool:
     return changed
 
 
+def tiles(parts: list[tuple[int, int]], width: int) -> bool:
+    """Ranges (start, stop), sorted, cover [0, width) exactly."""
+    at = 0
+    for start, stop in parts:
+        if start != at:
+            return False
+        at = stop
+    return at == width
+
+
+def fuse_bias(g: Graph) -> bool:
+    """x[..., 0:H] + b1, x[..., H:2H] + b2, ... tiling x -> (x + concat(b1, b2, ...))[..., 0:H], ...:
+    the per-gate bias adds of fused gates become one add over all gates."""
+    groups: dict[int, list[tuple[int, int, int, int]]] = {}
+    for n, d in g.nodes(data=True):
+        if d["op"] != "add" or init_of(g, n) is not None:
+            continue
+        ins = operands(g, n)
+        for i in (0, 1):
+            s, (b, kb) = slice_of(g, ins[i][0]), ins[1 - i]
+            if s and not ins[i][1] and not kb and g.nodes[b]["shape"] == d["shape"]:
+                groups.setdefault(s[0], []).append((s[1], s[2], b, n))
+                break
+    changed = False
+    for x, adds in groups.items():
+        adds.sort()
+        levels = {g.nodes[b]["level"] for _, _, b, _ in adds}
+        if len(adds) < 2 or len(levels) > 1 or not tiles([(a, z) for a, z, _, _ in adds],
+                                                          g.nodes[x]["shape"][-1]):  # fmt: skip
+            continue
+        span = g.nodes[adds[0][3]]["span"]
+        bias = add_op(g, "concat", [(b, 0) for _, _, b, _ in adds], span=span, axis=-1)
+        total = add_op(g, "add", [(x, 0), (bias, 0)], span=span)
+        for start, stop, _, n in adds:
+            g.nodes[n]["op"], g.nodes[n]["attrs"] = (
+                "slice",
+                {"start": start, "stop": stop, "axis": -1},
+            )
+            rewire(g, n, [(total, 0)])
+        changed = True
+    return changed
+
+
+def runs(members: list[tuple]) -> list[list[tuple]]:
+    """(start, stop, ...) sorted -> maximal runs of adjacent ranges, two or more long."""
+    out, run = [], [members[0]]
+    for m in members[1:]:
+        if m[0] == run[-1][1]:
+            run.append(m)
+        else:
+            out.append(run)
+            run = [m]
+    out.append(run)
+    return [r for r in out if len(r) > 1]
+
+
+def add_slices(g: Graph) -> bool:
+    """x[..., a:b] + y[..., a:b], x[..., b:c] + y[..., b:c] -> (x[..., a:c] + y[..., a:c]) sliced:
+    with the slices of fused gates, one add per step over adjacent gates, not one per gate."""
+    groups: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    for n, d in g.nodes(data=True):
+        if d["op"] != "add" or init_of(g, n) is not None:
+            continue
+        (a, ka), (b, kb) = operands(g, n)
+        sa, sb = slice_of(g, a), slice_of(g, b)
+        if ka or kb or not sa or not sb or sa[1:] != sb[1:]:
+            continue
+        if g.nodes[sa[0]]["shape"] == g.nodes[sb[0]]["shape"]:
+            groups.setdefault((sa[0], sb[0]), []).append((sa[1], sa[2], n))
+    changed = False
+    for (x, y), adds in groups.items():
+        for run in runs(sorted(adds)):
+            lo, hi, span = run[0][0], run[-1][1], g.nodes[run[0][2]]["span"]
+            xs, ys = (add_op(g, "slice", [(v, 0)], span=span, start=lo, stop=hi) for v in (x, y))
+            total = add_op(g, "add", [(xs, 0), (ys, 0)], span=span)
+            for start, stop, n in run:
+                g.nodes[n]["op"] = "slice"
+                g.nodes[n]["attrs"] = {"start": start - lo, "stop": stop - lo, "axis": -1}
+                rewire(g, n, [(total, 0)])
+            changed = True
+    return changed
+
+
+def merge_unary_slices(g: Graph) -> bool:
+    """f(x[..., a:b]), f(x[..., b:c]) -> f(x[..., a:c]) sliced after, for a pointwise f of one
+    operand: the sigmoid of adjacent gates is one call (LSTM's f and i, GRU's r and z)."""
+    groups: dict[tuple, list[tuple[int, int, int]]] = {}
+    for n, d in g.nodes(data=True):
+        op = OPS[d["op"]]
+        if op.kind != "pointwise" or op.arity != 1 or init_of(g, n) is not None:
+            continue
+        (u, k), = operands(g, n)  # fmt: skip
+        s = slice_of(g, u)
+        if s and not k:
+            groups.setdefault((d["op"], repr(sorted(d["attrs"].items())), s[0]), []).append(
+                (s[1], s[2], n)
+            )
+    changed = False
+    for (_, _, x), members in groups.items():
+        for run in runs(sorted(members)):
+            first = run[0][2]
+            d = g.nodes[first]
+            part = add_op(g, "slice", [(x, 0)], span=d["span"], start=run[0][0], stop=run[-1][1],
+                          axis=-1)  # fmt: skip
+            whole = add_op(g, d["op"], [(part, 0)], span=d["span"], **d["attrs"])
+            for start, stop, n in run:
+                g.nodes[n]["op"] = "slice"
+                g.nodes[n]["attrs"] = {
+                    "start": start - run[0][0],
+                    "stop": stop - run[0][0],
+                    "axis": -1,
+                }
+                rewire(g, n, [(whole, 0)])
+            changed = True
+    return changed
+
+
 def simplify(g: Graph) -> None:
     for _ in range(50):
         changed = False
         for n in list(g.nodes):
-            if n in g:
-                for rule in RULES:
-                    if n in g and rule(g, n):
-                        changed = True
+            d = g.nodes.get(n)
+            if d is None:
+                continue
+            if d["shape"] == () and OPS[d["op"]].kind == "pointwise" and fold_constants(g, n):
+                changed = True
+                continue
+            for rule in RULES.get(d["op"], ()):
+                if rule(g, n):
+                    changed = True
+                    break  # n may be another op now, or gone: the next pass sees it afresh
         changed |= cse(g)
         changed |= dead_code(g)
         if not changed:
@@ -380,5 +651,8 @@ def optimize(g: Graph, fuse: bool = True) -> Graph:
         if fuse_gates(g):
             simplify(g)
         while hoist_invariant_terms(g):
+            simplify(g)
+        # each turns the nodes it rewrites into slices, which the next one reads: one cleanup
+        if any([fuse_bias(g), add_slices(g), merge_unary_slices(g)]):
             simplify(g)
     return g

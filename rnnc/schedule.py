@@ -32,6 +32,7 @@ class Plan:
     wanted: dict[str, int]  # result name -> node
     pads: dict[int, tuple[int, int]] = field(default_factory=dict)  # node -> (past, future) rows
     stored: set[int] = field(default_factory=set)  # loop nodes whose every step is kept
+    views: dict[int, int] = field(default_factory=dict)  # stored slice -> its stored base
 
     def loop_of(self) -> dict[int, int]:
         return {n: i for i, s in enumerate(self.steps) if isinstance(s, Loop) for n in s.nodes}
@@ -74,7 +75,24 @@ def schedule(g: Graph, wanted: dict[str, int], cond: nx.DiGraph | None = None) -
         )
         if outside or n in wanted.values() or plan.pads.get(n, (0, 0)) != (0, 0):
             plan.stored.add(n)
+    plan.views = views(g, plan, loops)
+    plan.stored -= set(plan.views)
+    plan.stored |= set(plan.views.values())
     return plan
+
+
+def views(g: Graph, plan: Plan, loops: dict[int, int]) -> dict[int, int]:
+    """Stored same-step slices of a value of their own loop: keep the whole value once and
+    read the slice of it later (an LSTM's f and i are halves of one sigmoid: one buffer)."""
+    out = {}
+    for n in plan.stored:
+        d = g.nodes[n]
+        if d["op"] != "slice" or n in plan.wanted.values() or n in plan.pads:
+            continue
+        ((x, k),) = [(u, e["delay"]) for u, _, e in g.in_edges(n, data=True)]
+        if k == 0 and loops.get(x) == loops[n] and x not in plan.pads:
+            out[n] = x
+    return {n: x for n, x in out.items() if x not in out}  # a view of a view: keep it simple
 
 
 def sink_elementwise(

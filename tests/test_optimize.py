@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from rnnc.compiler import compile_spec, front
-from rnnc.graph import pretty
+from rnnc.graph import operands, pretty
 from rnnc.optimize import optimize
 
 SPECS = os.path.join(os.path.dirname(__file__), "..", "specs")
@@ -77,3 +77,69 @@ def test_plan_printer_names_loops_and_directions():
     # BPTT: each direction's adjoint loop runs the other way; weight gradients are one product
     assert "loop backward over x: dh.fwd.h" in " ".join(lines).replace(", %", " %")
     assert "once dh.fwd.W = outer" in lines and "once dh.bwd.U = outer" in lines
+
+
+def loop_lines(src: str, function: str, direction: str) -> list[str]:
+    body = src[src.index(f"def {function}(") :]
+    head = "for t in range(T_x):" if direction == "forward" else "for t in range(T_x - 1, -1, -1):"
+    loop = body[body.index(head) :].split("\n    del", 1)[0].split("\n    out =", 1)[0]
+    return [line.strip() for line in loop.splitlines()[1:] if not line.strip().startswith("#")]
+
+
+def test_fused_gates_share_one_bias_add_and_one_sigmoid_over_adjacent_gates():
+    m = compile_spec(os.path.join(SPECS, "lstm.rnn"))
+    code = loop_lines(m.source, "forward", "forward")
+    assert "np.concatenate((h_bf, h_bi, h_bg, h_bo,), axis=-1)" in m.source  # one bias vector
+    assert sum(line.count(" + ") for line in code if " @ " in line) == 1  # one add over 4 gates
+    # f and i are adjacent: one sigmoid over both, read as halves; o is its own call
+    assert sum(line.count("sigmoid(") for line in code) == 2, code
+    assert sum(line.count("np.tanh(") for line in code) == 2, code  # g and tanh(c)
+
+
+def test_halves_of_one_stored_value_are_read_as_views_not_kept_twice():
+    m = compile_spec(os.path.join(SPECS, "lstm.rnn"))
+    src = m.source[m.source.index("def loss_and_grads(") :]
+    src = src[: src.index("def loss_and_all_grads(")]
+    assert "h_f = np.empty" not in src and "h_i = np.empty" not in src
+    back = loop_lines(m.source, "loss_and_grads", "backward")
+    assert any("[t][..., 0:" in line for line in back), back  # f read from its sigmoid's buffer
+
+
+def test_backward_loop_carries_one_running_adjoint_like_hand_written_bptt():
+    m = compile_spec(os.path.join(SPECS, "gru.rnn"))
+    back = loop_lines(m.source, "loss_and_grads", "backward")
+    import re
+
+    later = {name for line in back for name in re.findall(r"(\w+)\[t \+ 1\]", line)}
+    assert len(later) == 1, back  # dh from z * h[t-1] and from U @ h[t-1]: one array, one read
+    assert "edge_sum(" in m.source and m.source.count("edge_sum(h_h_sum") >= 1
+
+
+def test_common_factor_is_pulled_out():
+    g = optimize(graph_of("  s = tanh(x) * b + tanh(x) * (W @ x)\n  r = -(b * x) + b * tanh(x)"))
+    # (tanh(x) * (b + W @ x)) and b * (tanh(x) - x): one product each
+    assert ops(g).count("mul") == 2, pretty(g)
+    assert ops(g).count("neg") == 0
+
+
+def test_slices_fold():
+    from rnnc.graph import add_op
+    from rnnc.optimize import simplify
+
+    g = graph_of("  s = tanh(x)")
+    simplify(g)
+    x = g.graph["outputs"]["s"]
+    whole = add_op(g, "slice", [(x, 0)], start=0, stop=3)
+    inner = add_op(g, "slice", [(x, 0)], start=1, stop=3)
+    outer = add_op(g, "slice", [(inner, 0)], start=1, stop=2)
+    joined = add_op(g, "concat", [(whole, 0), (x, 0)])
+    pair = add_op(g, "concat", [(inner, 0), (x, 0)])
+    back = add_op(g, "slice", [(x, 0)], start=0, stop=1)
+    glued = add_op(g, "concat", [(back, 0), (inner, 0)])
+    g.graph["outputs"].update(a=outer, b=joined, c=pair, d=glued)
+    simplify(g)
+    out = g.graph["outputs"]
+    assert g.nodes[out["a"]]["op"] == "slice" and g.nodes[out["a"]]["attrs"]["start"] == 2
+    assert operands(g, out["a"]) == [(x, 0)]  # x[1:3][1:2] -> x[2:3]
+    assert operands(g, out["b"]) == [(x, 0), (x, 0)]  # x[0:3] of a 3-wide x is x
+    assert out["d"] == x  # concat(x[0:1], x[1:3]) is x
