@@ -146,7 +146,8 @@ def cmd_compile(a) -> int:
     from .compiler import compile_spec
     from .files import atomic_write
 
-    m = compile_spec(a.spec, target=a.target, dims=parse_dims(a.dim), model=a.model)
+    # only writes code: the cupy target compiles here without CuPy or a GPU
+    m = compile_spec(a.spec, target=a.target, dims=parse_dims(a.dim), model=a.model, load=False)
     if a.output:
         atomic_write(a.output, m.source.encode())
         print(f"wrote {a.output}")
@@ -160,11 +161,19 @@ def cmd_run(a) -> int:
     from .data import check_arrays, check_lengths
     from .files import load_npz, save_npz
 
+    if a.target == "cupy":
+        from .compiler import require_gpu
+
+        require_gpu()  # says what is missing: CuPy, the driver, or a device
+        if a.train or a.generate is not None:
+            raise UsageError("training and generation run on the numpy target for now",
+                             hint="rnnc run --target cupy runs the forward pass and the loss",
+                             code="E504")  # fmt: skip
     if a.train or a.generate is not None:
         from .train import run_training
 
         return run_training(a)
-    m = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model)
+    m = compile_spec(a.spec, target=a.target, dims=parse_dims(a.dim), model=a.model)
     if not a.data:
         raise UsageError("rnnc run needs --data inputs.npz (or --train)", code="E501")
     arrays = load_npz(a.data, "data file")
@@ -178,13 +187,18 @@ def cmd_run(a) -> int:
         out = m.loss(params, inputs, targets, lengths=lengths)
     else:
         out = m.forward(params, inputs, lengths=lengths)
+    out = {k: on_host(v) for k, v in out.items()}
     for k, v in out.items():
-        v = np.asarray(v)
         print(f"  {k:12s} {list(v.shape)}" + (f"  = {float(v):.6g}" if v.ndim == 0 else ""))
     if a.output:
-        save_npz(a.output, {k: np.asarray(v) for k, v in out.items()})
+        save_npz(a.output, out)
         print(f"wrote {a.output}")
     return 0
+
+
+def on_host(v) -> np.ndarray:
+    """A NumPy array for a result of either target (CuPy arrays copy back with .get())."""
+    return v.get() if hasattr(v, "get") and not isinstance(v, (np.ndarray, dict)) else np.asarray(v)
 
 
 def load_params(path: str, m, dtype) -> dict[str, np.ndarray]:
@@ -276,10 +290,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="out.dot, out.svg or out.png (default: DOT on stdout)")
     spec_cmd("grad", "print the derived backward (BPTT) equations")
     c = spec_cmd("compile", "generate a standalone Python module")
-    c.add_argument("--target", default="numpy", choices=["numpy"])
+    c.add_argument(
+        "--target",
+        default="numpy",
+        choices=["numpy", "cupy"],
+        help="numpy, or cupy (fused CUDA kernels; the code is written on any machine)",
+    )
     c.add_argument("-o", "--output", help="model.py (default: stdout)")
     c = spec_cmd("run", "run the forward pass and loss, train, or generate")
     c.add_argument("--data", help=".npz with one array per input (and target)")
+    c.add_argument(
+        "--target",
+        default="numpy",
+        choices=["numpy", "cupy"],
+        help="cupy runs on an NVIDIA GPU (needs rnnc[cupy])",
+    )
     c.add_argument("--params", help=".npz of parameters (default: fresh from --seed)")
     c.add_argument("-o", "--output", help="write outputs to this .npz")
     c.add_argument("--seed", type=int, default=0)

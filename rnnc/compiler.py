@@ -84,7 +84,7 @@ class Model:
     grad_graph: Graph | None
     plans: dict[str, Plan]
     source: str
-    module: ModuleType = field(repr=False)
+    module: ModuleType | None = field(repr=False)
 
     def init_params(self, seed: int = 0, dtype: Any = None) -> dict:
         import numpy as np
@@ -116,6 +116,35 @@ class Model:
         return self.module.TARGETS
 
 
+TARGETS = ("numpy", "cupy")
+
+
+def require_gpu() -> None:
+    """Raise a worded error unless CuPy is installed and sees a working GPU."""
+    try:
+        import cupy
+    except ImportError:
+        raise RnncError(
+            "the cupy target needs CuPy, which is not installed",
+            Span(),
+            hint="pip install 'rnnc[cupy]' (CuPy for CUDA 12), or use --target numpy; "
+            "`rnnc compile --target cupy` writes the code without it",
+            code="E503",
+        ) from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError and friends: no driver, or a broken install
+        raise RnncError(
+            f"the cupy target found no usable CUDA driver ({type(e).__name__}: {e})",
+            Span(),
+            hint="install the NVIDIA driver, or use --target numpy",
+            code="E503",
+        ) from None
+    if count == 0:
+        raise RnncError("the cupy target found no GPU", Span(), hint="use --target numpy",
+                        code="E503")  # fmt: skip
+
+
 def plans_for(g: Graph, gg: Graph | None) -> dict[str, Plan]:
     base = gg if gg is not None else g  # one graph, so one set of names for every function
     cond = components(base)
@@ -138,10 +167,15 @@ def compile_spec(
     dims: dict[str, int] | None = None,
     model: str | None = None,
     optimize: bool = True,
+    load: bool = True,
 ) -> Model:
-    """Compile a spec (a path or its text) into a loaded model."""
-    if target not in ("numpy",):
-        raise RnncError(f"unknown target '{target}'", Span(), hint="targets: numpy", code="E502")
+    """Compile a spec (a path or its text) into a loaded model. target="cupy" needs CuPy and
+    a GPU to load; load=False only generates the code (any machine)."""
+    if target not in TARGETS:
+        raise RnncError(f"unknown target '{target}'", Span(), hint="targets: " + ", ".join(TARGETS),
+                        code="E502")  # fmt: skip
+    if target == "cupy" and load:
+        require_gpu()
     from .optimize import optimize as opt
 
     text, file = read_spec(path_or_text)
@@ -155,6 +189,6 @@ def compile_spec(
         if optimize:
             gg = checked(opt(gg))
     plans = plans_for(g, gg)
-    source = lower(gg if gg is not None else g, plans, file)
-    module = load_source(source, "rnnc_" + g.graph["model"])
+    source = lower(gg if gg is not None else g, plans, file, target)
+    module = load_source(source, "rnnc_" + g.graph["model"]) if load else None
     return Model(program, g, gg, plans, source, module)

@@ -15,9 +15,10 @@ import re
 from typing import Any
 
 from . import kernels
+from .fuse import Kernel, loop_kernels, needs_mask
 from .graph import Graph, init_of, is_seq, operands
 from .interpret import context
-from .ops import OPS, operand_text, render, slot_prec_of, slot_uses
+from .ops import CUDA_PRELUDE, OPS, operand_text, render, slot_prec_of, slot_uses
 from .schedule import Loop, Once, Plan
 
 MAX_NAME = 24
@@ -74,10 +75,17 @@ def at(t: str, k: int) -> str:
 
 
 class Emitter:
-    def __init__(self, plan: Plan, namer: Namer, dims: dict[str, int]):
+    def __init__(self, plan: Plan, namer: Namer, dims: dict[str, int], target: str = "numpy",
+                 fname: str = "f"):  # fmt: skip
         self.plan, self.g, self.name = plan, plan.graph, namer
         self.loops = plan.loop_of()
         self.loop_ids = {id(s): i for i, s in enumerate(plan.steps)}
+        self.xp = "cp" if target == "cupy" else "np"
+        # the CuPy target: each loop body's pointwise part as generated kernels
+        self.fused = loop_kernels(plan, fname, namer) if target == "cupy" else {}
+        self.kernels: list[Kernel] = [
+            k for items in self.fused.values() for k in items if isinstance(k, Kernel)
+        ]
         self.inline = self.inlined()
         self.lines: list[str] = []
         self.src = self.g.graph.get("source", "").splitlines()
@@ -99,10 +107,15 @@ class Emitter:
             consumer, e = edges[0]
             if self.loops.get(n) != self.loops.get(consumer):
                 continue
+            if self.in_kernel(n) or self.in_kernel(consumer):
+                continue
             if slot_uses(OPS[g.nodes[consumer]["op"]], e["pos"]) != 1:
                 continue
             out.add(n)
         return out
+
+    def in_kernel(self, n: int) -> bool:
+        return any(n in k.nodes for k in self.kernels)
 
     # ----- expressions -----
     def fill(self, u: int) -> str:
@@ -130,7 +143,7 @@ class Emitter:
             V = f"V_{ctx['M'][2:]}_{k if k > 0 else 'm' + str(-k)}"
             self.masks.add((ctx["M"], V, k))
             nd = "[:, None]" * len(g.nodes[u]["shape"])
-            return f"({plain} if {V} is None else np.where({V}[t]{nd}, {plain}, {self.fill(u)}))"
+            return f"({plain} if {V} is None else {self.xp}.where({V}[t]{nd}, {plain}, {self.fill(u)}))"
         if k == 0:
             return name if (past, fut) == (0, 0) else f"{name}[{past}:{past} + {T}]"
         lo = past - k
@@ -140,13 +153,10 @@ class Emitter:
         V = f"V_{ctx['M'][2:]}_{k if k > 0 else 'm' + str(-k)}"
         self.masks.add((ctx["M"], V, k))
         nd = "[..., None]" * len(g.nodes[u]["shape"])
-        return f"({plain} if {V} is None else np.where({V}{nd}, {plain}, {self.fill(u)}))"
+        return f"({plain} if {V} is None else {self.xp}.where({V}{nd}, {plain}, {self.fill(u)}))"
 
     def unmasked(self, u: int, k: int) -> bool:
-        """A forward value read from the past needs no length mask: inside a sequence t-k is
-        inside too, and what a step past the end reads never reaches a step inside. Reads
-        from the future, and reads of adjoints (which must be 0 past the end), keep it."""
-        return k > 0 and "adjoint_of" not in self.g.nodes[u]
+        return not needs_mask(self.g, u, k)
 
     def operand(self, u: int, k: int, loop: Loop | None) -> tuple[str, int]:
         """The text of operand u read at delay k, with its precedence."""
@@ -214,6 +224,9 @@ class Emitter:
     def reads(self, n: int) -> set[int]:
         """The variables n's statement reads (through operands folded into it)."""
         out = set()
+        for k in self.kernels:
+            if n in k.nodes:  # a kernel reads its inputs (some are sources of views)
+                out |= {a.node for a in k.args if not a.out and not a.mask}
         for u, _ in operands(self.g, n):
             if u in self.inline:
                 out |= self.reads(u)
@@ -259,7 +272,7 @@ class Emitter:
         return f"pad_time({text}, {past}, {fut}, {self.fill(n)}{carried})"
 
     def loop(self, loop: Loop, seen: set) -> None:
-        g, out = self.g, self.lines
+        g, out, xp = self.g, self.lines, self.xp
         ctx = context(g, loop.nodes[0])
         T = ctx["T"]
         for n in loop.nodes:
@@ -269,7 +282,7 @@ class Emitter:
             d = g.nodes[n]
             name = self.name(n)
             shape = tuple(d["shape"])
-            out.append(f"    {name} = np.empty(({past} + {T} + {fut}, B) + {shape!r}, dt)")
+            out.append(f"    {name} = {xp}.empty(({past} + {T} + {fut}, B) + {shape!r}, dt)")
             if past:
                 fill = self.fill(n)
                 if init_of(g, n) is not None:
@@ -279,31 +292,100 @@ class Emitter:
                     out.append(f"    {name}[:{past}] = {fill}")
             if fut:
                 out.append(f"    {name}[{past} + {T}:] = {self.fill(n)}")
+        items = self.fused.get(self.loop_ids[id(loop)], [loop.nodes])
+        for k in (k for k in items if isinstance(k, Kernel)):
+            self.kernel_buffers(k, T)
         rng = f"range({T})" if loop.direction > 0 else f"range({T} - 1, -1, -1)"
         out.append(f"    for t in {rng}:")
-        for n in loop.nodes:
-            if n in self.inline:
+        for item in items:
+            if isinstance(item, Kernel):
+                self.launch(item, loop, seen)
                 continue
+            for n in item:
+                self.statement(n, loop, seen)
+
+    def statement(self, n: int, loop: Loop, seen: set) -> None:
+        """One node of a loop body as array code."""
+        g, out = self.g, self.lines
+        if n in self.inline:
+            return
+        self.comment(n, "        ", seen)
+        name = self.name(n)
+        past = self.plan.pads.get(n, (0, 0))[0]
+        if (
+            n in self.plan.stored
+            and g.nodes[n]["op"] == "concat"
+            and g.nodes[n]["attrs"].get("axis", -1) == -1
+        ):
+            # build the joined vector in its row of the buffer: no temporary, no copy
+            out.append(f"        {name}_t = {name}[{at('t', past)}]")
+            start = 0
+            for u, k in operands(g, n):
+                width = g.nodes[u]["shape"][-1]
+                text, _ = self.operand(u, k, loop)
+                out.append(f"        {name}_t[..., {start}:{start + width}] = {text}")
+                start += width
+            return
+        out.append(f"        {name}_t = {self.expr(n, loop)}")
+        if n in self.plan.stored:
+            out.append(f"        {name}[{at('t', past)}] = {name}_t")
+
+    # ----- the CuPy target: kernels -----
+    def kernel_buffers(self, k: Kernel, T: str) -> None:
+        """A per-step buffer for each kernel result that is not kept for every step; and the
+        length masks the kernel reads, all true when no lengths are given."""
+        for a in k.args:
+            if a.out and a.node not in self.plan.stored:
+                shape = tuple(self.g.nodes[a.node]["shape"])
+                self.lines.append(f"    {self.name(a.node)}_t = cp.empty((B,) + {shape!r}, dt)")
+            if a.mask:
+                V = self.mask_name(a.node, a.delay)
+                line = f"    {V}_all = cp.ones(({T}, B), bool) if {V} is None else {V}"
+                if line not in self.lines:
+                    self.lines.append(line)
+
+    def mask_name(self, u: int, k: int) -> str:
+        ctx = context(self.g, u)
+        V = f"V_{ctx['M'][2:]}_{k if k > 0 else 'm' + str(-k)}"
+        self.masks.add((ctx["M"], V, k))
+        return V
+
+    def row(self, u: int, k: int, loop: Loop) -> str:
+        """The array a kernel reads for u at t-k: a row of its buffer, or this step's value."""
+        g = self.g
+        d = g.nodes[u]
+        if not is_seq(d["level"]):
+            return self.name(u) if d["op"] != "const" else repr(d["attrs"]["value"])
+        here = self.loops.get(u) == self.loop_ids[id(loop)]
+        if here and k == 0 and u not in self.plan.stored:
+            return f"{self.name(u)}_t"
+        past = self.plan.pads.get(u, (0, 0))[0]
+        return f"{self.name(u)}[{at('t', past - k)}]"
+
+    def launch(self, k: Kernel, loop: Loop, seen: set) -> None:
+        for n in k.nodes:
             self.comment(n, "        ", seen)
-            name = self.name(n)
-            past = self.plan.pads.get(n, (0, 0))[0]
-            if (
-                n in self.plan.stored
-                and g.nodes[n]["op"] == "concat"
-                and g.nodes[n]["attrs"].get("axis", -1) == -1
-            ):
-                # build the joined vector in its row of the buffer: no temporary, no copy
-                out.append(f"        {name}_t = {name}[{at('t', past)}]")
-                start = 0
-                for u, k in operands(g, n):
-                    width = g.nodes[u]["shape"][-1]
-                    text, _ = self.operand(u, k, loop)
-                    out.append(f"        {name}_t[..., {start}:{start + width}] = {text}")
-                    start += width
-                continue
-            out.append(f"        {name}_t = {self.expr(n, loop)}")
-            if n in self.plan.stored:
-                out.append(f"        {name}[{at('t', past)}] = {name}_t")
+        args = []
+        for a in k.args:
+            if a.mask:
+                args.append(f"{self.mask_name(a.node, a.delay)}_all[t]")
+            elif a.kind == "value":
+                args.append(f"dt.type(float({self.row(a.node, a.delay, loop)}))")
+            else:
+                args.append(self.row(a.node, a.delay, loop))
+        self.lines.append(f"        launch({k.name!r}, B * {k.width}, dt, {', '.join(args)})")
+        # array code later in the step reads a stored result as this step's row
+        for a in k.args:
+            if a.out and a.node in self.plan.stored and self.read_later(a.node, k, loop):
+                past = self.plan.pads.get(a.node, (0, 0))[0]
+                name = self.name(a.node)
+                self.lines.append(f"        {name}_t = {name}[{at('t', past)}]")
+
+    def read_later(self, n: int, k: Kernel, loop: Loop) -> bool:
+        mine = set(k.nodes)
+        body = set(loop.nodes)
+        return any(v in body and v not in mine and e["delay"] == 0 and not self.in_kernel(v)
+                   for _, v, e in self.g.out_edges(n, data=True))  # fmt: skip
 
 
 # ----- the module -----
@@ -336,13 +418,21 @@ def leaf_binding(g: Graph, n: int, name: str) -> str | None:
 class Module:
     """Assembles the functions of one compiled model into one source file."""
 
-    def __init__(self, g: Graph, plans: dict[str, Plan], spec_path: str):
-        self.g, self.plans, self.path = g, plans, spec_path
+    def __init__(self, g: Graph, plans: dict[str, Plan], spec_path: str, target: str = "numpy"):
+        self.g, self.plans, self.path, self.target = g, plans, spec_path, target
         self.namer = Namer(g)
+        self.kernels: list[Kernel] = []
 
     def function(self, fname: str, plan: Plan) -> list[str]:
+        lines = self.numpy_function(fname, plan)
+        if self.target == "cupy":  # the same array code on the device: CuPy mirrors NumPy
+            lines = [to_cupy(line) for line in lines]
+        return lines
+
+    def numpy_function(self, fname: str, plan: Plan) -> list[str]:
         g = self.g
-        em = Emitter(plan, self.namer, g.graph.get("env", {}))
+        em = Emitter(plan, self.namer, g.graph.get("env", {}), self.target, fname)
+        self.kernels += em.kernels
         body = em.emit()
         used = {n for s in plan.steps for n in ([s.node] if isinstance(s, Once) else s.nodes)}
         pro = ["    dt = np.result_type(*params.values()) if params else np.float64"]
@@ -485,16 +575,53 @@ class Module:
                 f"{kind.upper()} = {table!r}  # name: (shape, time domain or 'static', labels?)"
             )
         body = "\n\n\n".join(funcs)
+        if self.target == "cupy":
+            init = INIT_PARAMS_CUPY
+            code = "\n".join(meta) + "\n\n\n" + init + "\n\n\n" + body + "\n"
+            helpers = used_helpers(code, cupy=True)
+            return (f"{header}\n\nimport functools\n\nimport cupy as cp\nimport numpy as np\n\n\n"
+                    f"{helpers}\n\n\n{self.cuda_section()}\n\n\n{code}")  # fmt: skip
         init = INIT_PARAMS
         code = "\n".join(meta) + "\n\n\n" + init + "\n\n\n" + body + "\n"
         helpers = used_helpers(code)
         return f"{header}\n\nimport numpy as np\n\n\n{helpers}\n\n\n{code}"
+
+    def cuda_section(self) -> str:
+        """The kernels' CUDA source, compiled on first use for the parameters' dtype."""
+        parts = [f'PRELUDE = r"""{CUDA_PRELUDE}"""', "", "KERNELS = {"]
+        for k in self.kernels:
+            parts.append(f'    {k.name!r}: r"""\n{k.source}\n""",')
+        parts.append("}")
+        return "\n".join(parts) + "\n\n\n" + CUPY_LAUNCH
+
+
+CUPY_LAUNCH = """@functools.cache
+def kernel(name, real):
+    # one compile per kernel and dtype (CuPy also caches the binary on disk)
+    return cp.RawKernel(f"typedef {real} real;\\n" + PRELUDE + KERNELS[name], name)
+
+
+def launch(name, n, dt, *args):
+    # n threads: one per (sequence, column); arrays are passed as pointers to their first element
+    k = kernel(name, "float" if dt == np.float32 else "double")
+    args = tuple(cp.ascontiguousarray(a) if isinstance(a, cp.ndarray) else a for a in args)
+    k(((n + 127) // 128,), (128,), args + (np.int32(n),))"""
+
+
+def to_cupy(line: str) -> str:
+    return re.sub(r"\bnp\.", "cp.", line)
 
 
 INIT_PARAMS = '''def init_params(seed=0, dtype=np.float32):
     """Fresh parameters, reproducible from `seed`."""
     rng = np.random.default_rng(seed)
     return {k: initialize(rng, s, kind, a).astype(dtype) for k, (s, kind, a) in PARAMS.items()}'''
+
+INIT_PARAMS_CUPY = '''def init_params(seed=0, dtype=np.float32):
+    """Fresh parameters on the device, reproducible from `seed` (the NumPy target's values)."""
+    rng = np.random.default_rng(seed)
+    return {k: cp.asarray(initialize(rng, s, kind, a).astype(dtype))
+            for k, (s, kind, a) in PARAMS.items()}'''
 
 
 def init_spec(init: Any) -> tuple[str | None, tuple]:
@@ -518,8 +645,12 @@ def helper_sources() -> dict[str, tuple[int, str, set[str]]]:
     return out
 
 
-def used_helpers(code: str) -> str:
-    """The kernels.py functions the code calls (and those they call), in file order."""
+HOST_HELPERS = ("initialize",)  # run on the host even in the CuPy target (NumPy's generator)
+
+
+def used_helpers(code: str, cupy: bool = False) -> str:
+    """The kernels.py functions the code calls (and those they call), in file order; for
+    the CuPy target, written over CuPy arrays."""
     table = helper_sources()
     called = set(re.findall(r"\b(\w+)\(", code))
     need: set[str] = set()
@@ -529,9 +660,15 @@ def used_helpers(code: str) -> str:
         if n not in need:
             need.add(n)
             todo += list(table[n][2])
-    return "\n\n".join(table[n][1] for n in sorted(need, key=lambda n: table[n][0]))
+    texts = [
+        to_cupy(table[n][1]) if cupy and n not in HOST_HELPERS else table[n][1]
+        for n in sorted(need, key=lambda n: table[n][0])
+    ]
+    return "\n\n".join(texts)
 
 
-def lower(g: Graph, plans: dict[str, Plan], spec_path: str = "<spec>") -> str:
-    """The standalone NumPy module for a model's plans."""
-    return Module(g, plans, spec_path).source()
+def lower(
+    g: Graph, plans: dict[str, Plan], spec_path: str = "<spec>", target: str = "numpy"
+) -> str:
+    """The standalone module for a model's plans: NumPy, or CuPy with fused kernels."""
+    return Module(g, plans, spec_path, target).source()

@@ -9,6 +9,9 @@ Every graph node names an op here. An entry holds:
                                   nodes, so a gradient is a graph in the same IR
   numpy: a template over operands {0} {1} ..., {args} (variadic), attrs by name, and the
          context {M} (the step mask of the op's domain), {T}, {t}, {B}, {dt}, {rng}
+  cuda:  the same for one element in CUDA C, operands being scalars of type `real` (float or
+         double); an elementwise op with one fuses into the per-step kernels (fuse.py), and
+         the device functions it calls live in CUDA_PRELUDE
 Ops used only inside gradients have vjp=None with a comment: rnnc takes first derivatives.
 This module imports nothing from rnnc.
 """
@@ -55,6 +58,7 @@ class Op:
     prec: int = 9  # precedence of the rendered text (9: an atom or a call)
     slots: tuple[int, ...] = ()  # the precedence each operand's text needs (default 0)
     seq: str | None = None  # the template for a whole [T, B, ...] sequence, where it differs
+    cuda: str | None = None  # one element in CUDA C (type `real`): ops with one fuse into kernels
     attrs: dict[str, Any] = field(default_factory=dict)  # keyword arguments and defaults
 
 
@@ -240,6 +244,7 @@ defop(
     prec=1,
     slots=(1, 2),
     vjp=lambda g, y, a, b: [g, g],
+    cuda="{0} + {1}",
 )
 defop(
     "sub",
@@ -249,6 +254,7 @@ defop(
     prec=1,
     slots=(1, 2),
     vjp=lambda g, y, a, b: [g, -g],
+    cuda="{0} - {1}",
 )
 defop(
     "mul",
@@ -258,10 +264,12 @@ defop(
     prec=2,
     slots=(2, 3),
     vjp=lambda g, y, a, b: [g * b, g * a],
+    cuda="{0} * {1}",
 )
-defop("div", 2, same, "{0} / {1}", prec=2, slots=(2, 3), vjp=lambda g, y, a, b: [g / b, -(g * y) / b], domain="away0")  # fmt: skip
-defop("neg", 1, same, "-{0}", prec=4, slots=(4,), vjp=lambda g, y, x: [-g])
-defop("identity", 1, same, "{0}", vjp=lambda g, y, x: [g])
+defop("div", 2, same, "{0} / {1}", prec=2, slots=(2, 3), vjp=lambda g, y, a, b: [g / b, -(g * y) / b],
+      domain="away0", cuda="{0} / {1}")  # fmt: skip
+defop("neg", 1, same, "-{0}", prec=4, slots=(4,), vjp=lambda g, y, x: [-g], cuda="-{0}")
+defop("identity", 1, same, "{0}", vjp=lambda g, y, x: [g], cuda="{0}")
 defop(
     "sum",
     None,
@@ -272,27 +280,54 @@ defop(
     vjp=lambda g, y, *xs: [g] * len(xs),
     user=False,
     sep=" + ",
+    cuda="{args}",
 )
-defop("tanh", 1, same, "np.tanh({0})", vjp=lambda g, y, x: [g * (1 - y * y)])
-defop("sigmoid", 1, same, "sigmoid({0})", vjp=lambda g, y, x: [g * y * (1 - y)])  # fmt: skip
-defop("relu", 1, same, "np.maximum({0}, 0)", vjp=lambda g, y, x: [g * x.op("step")], smooth=False)  # fmt: skip
-defop("exp", 1, same, "np.exp({0})", vjp=lambda g, y, x: [g * y])
+defop("tanh", 1, same, "np.tanh({0})", vjp=lambda g, y, x: [g * (1 - y * y)], cuda="tanh({0})")
+defop("sigmoid", 1, same, "sigmoid({0})", vjp=lambda g, y, x: [g * y * (1 - y)],
+      cuda="sigmoid_({0})")  # fmt: skip
+defop("relu", 1, same, "np.maximum({0}, 0)", vjp=lambda g, y, x: [g * x.op("step")], smooth=False,
+      cuda="relu_({0})")  # fmt: skip
+defop("exp", 1, same, "np.exp({0})", vjp=lambda g, y, x: [g * y], cuda="exp({0})")
 defop("log", 1, same, "np.log({0})", vjp=lambda g, y, x: [g / x],
-      domain="positive")  # fmt: skip
-defop("softplus", 1, same, "np.logaddexp({0}, 0)", vjp=lambda g, y, x: [g * x.op("sigmoid")])  # fmt: skip
+      domain="positive", cuda="log({0})")  # fmt: skip
+defop("softplus", 1, same, "np.logaddexp({0}, 0)", vjp=lambda g, y, x: [g * x.op("sigmoid")],
+      cuda="softplus_({0})")  # fmt: skip
 defop("elu", 1, same, "elu({0}, {alpha!r})", smooth=False, attrs={"alpha": 1.0},
-      vjp=lambda g, y, x, alpha: [g * x.op("elu_d", alpha=alpha)])  # fmt: skip
+      vjp=lambda g, y, x, alpha: [g * x.op("elu_d", alpha=alpha)], cuda="elu_({0}, {alpha!r})")  # fmt: skip
 defop("leaky_relu", 1, same, "np.where({0} > 0, {0}, {alpha!r} * {0})", smooth=False,
-      attrs={"alpha": 0.01}, vjp=lambda g, y, x, alpha: [g * x.op("leaky_d", alpha=alpha)])  # fmt: skip
+      attrs={"alpha": 0.01}, vjp=lambda g, y, x, alpha: [g * x.op("leaky_d", alpha=alpha)],
+      cuda="leaky_({0}, {alpha!r})")  # fmt: skip
 defop("hard_sigmoid", 1, same, "np.clip(0.2 * {0} + 0.5, 0, 1)", smooth=False,
-      vjp=lambda g, y, x: [g * x.op("hard_sigmoid_d")])  # fmt: skip
+      vjp=lambda g, y, x: [g * x.op("hard_sigmoid_d")], cuda="hard_sigmoid_({0})")  # fmt: skip
 # derivatives of the kinked activations (used only inside gradients)
-defop("step", 1, same, "step({0})", user=False)
-defop("elu_d", 1, same, "np.where({0} > 0, 1, {alpha!r} * np.exp(np.minimum({0}, 0)))", user=False)  # fmt: skip
+defop("step", 1, same, "step({0})", user=False, cuda="step_({0})")
+defop("elu_d", 1, same, "np.where({0} > 0, 1, {alpha!r} * np.exp(np.minimum({0}, 0)))", user=False,
+      cuda="elu_d_({0}, {alpha!r})")  # fmt: skip
 defop("leaky_d", 1, same, "np.where({0} > 0, 1, {alpha!r})",
-      user=False)  # fmt: skip
+      user=False, cuda="leaky_d_({0}, {alpha!r})")  # fmt: skip
 defop("hard_sigmoid_d", 1, same, "0.2 * (np.abs({0}) < 2.5)",
-      user=False)  # fmt: skip
+      user=False, cuda="hard_sigmoid_d_({0})")  # fmt: skip
+
+# The device functions the cuda templates call. `real` is float or double (a typedef put in
+# front by the generated module); constants are cast so float kernels stay in float.
+CUDA_PRELUDE = r"""
+#define R(x) ((real)(x))
+__device__ __forceinline__ real sigmoid_(real x) { return R(0.5) * tanh(R(0.5) * x) + R(0.5); }
+__device__ __forceinline__ real relu_(real x) { return x > R(0) ? x : (x != x ? x : R(0)); }
+__device__ __forceinline__ real softplus_(real x) {
+  return (x > R(0) ? x : R(0)) + log1p(exp(-fabs(x)));  /* log(1 + e^x), no overflow */
+}
+__device__ __forceinline__ real elu_(real x, real a) { return x > R(0) ? x : a * expm1(x); }
+__device__ __forceinline__ real leaky_(real x, real a) { return x > R(0) ? x : a * x; }
+__device__ __forceinline__ real hard_sigmoid_(real x) {
+  real y = R(0.2) * x + R(0.5);
+  return y < R(0) ? R(0) : (y > R(1) ? R(1) : y);
+}
+__device__ __forceinline__ real step_(real x) { return x > R(0) ? R(1) : R(0); }
+__device__ __forceinline__ real elu_d_(real x, real a) { return x > R(0) ? R(1) : a * exp(x); }
+__device__ __forceinline__ real leaky_d_(real x, real a) { return x > R(0) ? R(1) : a; }
+__device__ __forceinline__ real hard_sigmoid_d_(real x) { return fabs(x) < R(2.5) ? R(0.2) : R(0); }
+"""
 
 # ----- Over the feature axis -----
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "rnnc")
 ORDER = ["errors", "ops", "syntax", "kernels", "parse", "format", "graph", "elaborate", "shapes",
-         "check", "unroll", "interpret", "grad", "optimize", "schedule", "lower", "explain",
+         "check", "unroll", "interpret", "grad", "optimize", "schedule", "fuse", "lower", "explain",
          "load", "files", "data", "picture", "compiler", "gradcheck", "tasks", "train", "cli", "cli_entry"]  # fmt: skip
 
 

@@ -1,0 +1,296 @@
+"""Loop -> kernels: the pointwise part of each time step as one generated CUDA kernel, so that
+on the GPU a step costs its matrix products and one launch, not one launch per operation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from math import gcd
+
+from .graph import Graph, init_of, operands
+from .ops import GLOBAL, OPS
+from .schedule import Loop, Plan
+
+MAX_UNROLL = 8  # a thread computes at most this many columns of one output
+
+
+class NotFusable(Exception):
+    """A node the kernel cannot compute (a concat whose parts split a thread's columns)."""
+
+    def __init__(self, node: int):
+        self.node = node
+
+
+@dataclass
+class Arg:
+    """One kernel parameter: an input read at `delay`, or an output (written this step)."""
+
+    node: int
+    delay: int
+    kind: str  # "row": [B, V] | "vector": [V] (no batch) | "per_b": [B] | "value": one number
+    width: int  # V: elements per batch row
+    out: bool = False
+    mask: bool = False  # a [B] bool: the read at `delay` falls inside the sequence
+    name: str = ""  # the parameter's name in the kernel
+
+
+@dataclass
+class Kernel:
+    """The pointwise nodes of one phase of a loop body, computed by B * width threads."""
+
+    name: str
+    nodes: list[int]
+    width: int
+    args: list[Arg] = field(default_factory=list)
+    source: str = ""  # CUDA C; `real` is a typedef the caller puts in front
+
+
+def fusable(g: Graph, n: int) -> bool:
+    d = g.nodes[n]
+    op = OPS[d["op"]]
+    if len(d["shape"]) > 1:
+        return False
+    if d["op"] == "slice":
+        return True
+    if d["op"] == "concat":
+        return d["attrs"].get("axis", -1) == -1
+    return op.cuda is not None
+
+
+def needs_mask(g: Graph, u: int, k: int) -> bool:
+    """A read at t-k must check that t-k lies inside the sequence: reads from the future, and
+    reads of adjoints (which are 0 past the end). A forward read from the past needs none:
+    what a step past the end reads never reaches a step inside."""
+    return k != 0 and not (k > 0 and "adjoint_of" not in g.nodes[u])
+
+
+def phases(g: Graph, loop: Loop, bad: set[int]) -> list[list[int]]:
+    """The loop body in phases: phase 2i holds pointwise nodes (one kernel), 2i+1 the other
+    nodes (GEMMs) that need them; each node as early as its same-step operands allow."""
+    inside = set(loop.nodes)
+    level: dict[int, int] = {}
+    for n in loop.nodes:  # a same-step dependency order
+        fused = fusable(g, n) and n not in bad
+        p = 0
+        for u, k in operands(g, n):
+            if u in inside and k == 0:
+                q = level[u]
+                # a GEMM reads kernel i's results in phase 2i+1; a kernel reads a GEMM's in 2i+2
+                p = max(p, q + 1 if (q % 2 == 0) != fused else q)
+        if not fused and p % 2 == 0:
+            p += 1
+        level[n] = p
+    out = [[] for _ in range(max(level.values(), default=0) + 1)]
+    for n in loop.nodes:
+        out[level[n]].append(n)
+    return out
+
+
+def kernels_for(
+    g: Graph, plan: Plan, loop: Loop, prefix: str, label: Callable[[int], str]
+) -> list[list[int] | Kernel]:
+    """The loop body as a sequence of plain node lists (emitted as array code) and kernels;
+    `label` names a node's value in the CUDA source (the NumPy code's names)."""
+    bad: set[int] = set()
+    while True:
+        try:
+            return build(g, plan, loop, prefix, bad, label)
+        except NotFusable as e:
+            bad.add(e.node)
+
+
+def build(
+    g: Graph, plan: Plan, loop: Loop, prefix: str, bad: set[int], label: Callable[[int], str]
+) -> list[list[int] | Kernel]:
+    items: list[list[int] | Kernel] = []
+    for i, nodes in enumerate(phases(g, loop, bad)):
+        if not nodes:
+            continue
+        if i % 2:
+            items.append(nodes)
+            continue
+        k = Kernel(f"{prefix}_{len(items)}", nodes, 1)
+        make(g, plan, loop, k, label)
+        if k.source:
+            items.append(k)
+        else:
+            items.append(nodes)
+    return items
+
+
+def outputs(g: Graph, plan: Plan, loop: Loop, nodes: list[int]) -> list[int]:
+    """The kernel's values needed beyond it: stored, or read this step by another part of
+    the loop body (a GEMM, or a later kernel)."""
+    mine, body = set(nodes), set(loop.nodes)
+    out = []
+    for n in nodes:
+        later = any(v in body and v not in mine and e["delay"] == 0
+                    for _, v, e in g.out_edges(n, data=True))  # fmt: skip
+        if n in plan.stored or n in plan.wanted.values() or later:
+            out.append(n)
+    return out
+
+
+def make(g: Graph, plan: Plan, loop: Loop, k: Kernel, label: Callable[[int], str]) -> None:
+    """Fill k's args and CUDA source; leave source empty when a kernel would not pay."""
+    mine = set(k.nodes)
+    outs = outputs(g, plan, loop, k.nodes)
+    if not outs:
+        return
+    widths = [g.nodes[o]["shape"][0] for o in outs if g.nodes[o]["shape"]]
+    W = 0
+    for w in widths:
+        W = gcd(W, w)
+    W = W or 1
+    if any(w // W > MAX_UNROLL for w in widths):
+        return  # too many columns per thread: leave these to array code
+    k.width = W
+    source = g.graph.get("source", "").splitlines()
+    quoted: set[int] = set()
+    loops = plan.loop_of()
+    inputs: dict[tuple[int, int], Arg] = {}
+    memo: dict[tuple[int, int | None], str] = {}
+    lines: list[str] = []
+
+    def width(n: int) -> int:
+        s = g.nodes[n]["shape"]
+        return s[0] if s else 0
+
+    def arg_for(u: int, delay: int, off: int | None) -> str:
+        base, shift = u, 0
+        if u in plan.views and (delay or u not in mine):
+            base = plan.views[u]
+            shift = g.nodes[u]["attrs"]["start"]
+        while not delay and base not in loops and g.nodes[base]["op"] == "slice":
+            # a slice made once over the sequence is a strided view: read its source instead
+            (src, k0), = operands(g, base)  # fmt: skip
+            if k0:
+                break
+            shift += g.nodes[base]["attrs"]["start"]
+            base = src
+        key = (base, delay)
+        if key not in inputs:
+            d = g.nodes[base]
+            V = width(base)
+            if d["level"] == GLOBAL:
+                kind = "vector" if V else "value"
+            else:
+                kind = "row" if V else "per_b"
+            a = Arg(base, delay, kind, V, name=f"in{len(inputs)}")
+            inputs[key] = a
+            if needs_mask(g, base, delay):
+                inputs[(base, delay, "mask")] = Arg(base, delay, "per_b", 0, mask=True,
+                                                   name=f"in{len(inputs)}")  # fmt: skip
+        a = inputs[key]
+        col = f"j + {off + shift}" if off is not None else None
+        if a.kind == "value":
+            text = a.name
+        elif a.kind == "per_b":
+            text = f"{a.name}[b]"
+        elif col is None:
+            raise NotFusable(u)  # a vector read where one number is wanted
+        elif a.kind == "vector":
+            text = f"{a.name}[{col}]"
+        else:
+            text = f"{a.name}[b * {a.width} + {col}]"
+        m = inputs.get((base, delay, "mask"))
+        if m is not None:
+            fill = fill_text(u, off)
+            text = f"({m.name}[b] ? {text} : {fill})"
+        return text
+
+    def fill_text(u: int, off: int | None) -> str:
+        init = init_of(g, u)
+        return "R(0)" if init is None else arg_for(init, 0, off)
+
+    def value(u: int, delay: int, off: int | None) -> str:
+        d = g.nodes[u]
+        if d["op"] == "const":
+            return f"R({float(d['attrs']['value'])!r})"
+        if delay or u not in mine:
+            return arg_for(u, delay, off)
+        return ev(u, off)
+
+    def ev(n: int, off: int | None) -> str:
+        key = (n, off)
+        if key in memo:
+            return memo[key]
+        d = g.nodes[n]
+        if not d["shape"]:
+            off = None
+        ins = operands(g, n)
+        if d["op"] == "slice":  # no work: the same value at other columns
+            (u, dk), = ins  # fmt: skip
+            memo[key] = value(u, dk, off + d["attrs"]["start"])
+            return memo[key]
+        if d["op"] == "concat":
+            start = 0
+            for u, dk in ins:
+                w = width(u)
+                if start <= off and off + W <= start + w:
+                    memo[key] = value(u, dk, off - start)
+                    return memo[key]
+                start += w
+            raise NotFusable(n)  # a thread's columns would straddle two parts
+        op = OPS[d["op"]]
+        args = [value(u, dk, off if width(u) else None) for u, dk in ins]
+        fields = dict(d["attrs"])
+        if op.arity is None:
+            fields["args"] = op.sep.join(args)
+        text = op.cuda.format(*args, **fields)
+        var = f"{label(n)}_{off if off is not None else 's'}"
+        memo[key] = var
+        line = d["span"].line
+        if line and line <= len(source) and line not in quoted:
+            quoted.add(line)
+            lines.append(f"    // {source[line - 1].split('#')[0].strip()}")
+        lines.append(f"    const real {var} = {text};")
+        return var
+
+    stores: list[tuple[Arg, str, str]] = []
+    out_args: list[Arg] = []
+    for o in outs:
+        V = width(o)
+        a = Arg(o, 0, "row" if V else "per_b", V, out=True, name=f"out{len(out_args)}")
+        out_args.append(a)
+        if V:
+            for off in range(0, V, W):
+                var = ev(o, off)
+                stores.append((a, f"{a.name}[b * {V} + j + {off}]", var))
+        else:
+            var = ev(o, None)
+            stores.append((a, f"{a.name}[b]", var))
+    k.args = list(inputs.values()) + out_args
+    params = []
+    for a in k.args:
+        if a.mask:
+            params.append(f"const bool* __restrict__ {a.name}")
+        elif a.out:
+            params.append(f"real* __restrict__ {a.name}")
+        elif a.kind == "value":
+            params.append(f"const real {a.name}")
+        else:
+            params.append(f"const real* __restrict__ {a.name}")
+    body = [
+        f'extern "C" __global__ void {k.name}({", ".join(params + ["const int n"])}) {{',
+        "    const int i = blockIdx.x * blockDim.x + threadIdx.x;",
+        "    if (i >= n) return;",
+        f"    const int b = i / {W}, j = i % {W};",
+        *lines,
+    ]
+    for a, target, var in stores:
+        guard = "if (j == 0) " if a.kind == "per_b" and W > 1 else ""
+        body.append(f"    {guard}{target} = {var};")
+    body.append("}")
+    k.source = "\n".join(body)
+
+
+def loop_kernels(
+    plan: Plan, prefix: str, label: Callable[[int], str]
+) -> dict[int, list[list[int] | Kernel]]:
+    """Loop index in plan.steps -> its body as array code and kernels."""
+    out = {}
+    for i, s in enumerate(plan.steps):
+        if isinstance(s, Loop):
+            out[i] = kernels_for(plan.graph, plan, s, f"{prefix}_loop{i}", label)
+    return out

@@ -1,0 +1,280 @@
+"""The CuPy target. Without a GPU (as in CI): every spec's generated kernels compile to PTX
+with nvcc; the whole generated CuPy module runs against a stand-in cupy (NumPy arrays, the
+kernels compiled as host C++, hostcuda.py) and equals the NumPy target; the command line says
+what is missing. With a GPU (`-m gpu`): the same comparisons on the device with real CuPy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from helpers import random_data, rel, small_dims
+from hostcuda import have_compiler, load_with_fake_cupy
+from hypothesis import given, settings
+from strategies import cells
+
+from rnnc.compiler import compile_spec
+from rnnc.errors import RnncError
+from rnnc.format import format_program
+from rnnc.fuse import Kernel
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+SPECS = sorted(os.path.join(ROOT, "specs", f) for f in os.listdir(os.path.join(ROOT, "specs")))
+needs_gxx = pytest.mark.skipif(not have_compiler(), reason="g++ is not installed")
+
+
+def kernel_units(source: str) -> dict[str, str]:
+    """The CUDA translation unit of a generated module for each dtype, as CuPy compiles it."""
+    ns: dict = {}
+    start, stop = source.index("PRELUDE = "), source.index("@functools.cache")
+    exec(source[start:stop], ns)
+    return {real: f"typedef {real} real;\n" + ns["PRELUDE"] + "\n".join(ns["KERNELS"].values())
+            for real in ("float", "double")}  # fmt: skip
+
+
+def cupy_source(path: str, dims=None) -> str:
+    return compile_spec(path, target="cupy", dims=dims, load=False).source
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_every_specs_kernels_compile_to_ptx():
+    jobs = []
+    folder = tempfile.mkdtemp(prefix="rnnc-ptx-")
+    for path in SPECS:
+        for real, unit in kernel_units(cupy_source(path)).items():
+            cu = os.path.join(folder, f"{os.path.basename(path)}.{real}.cu")
+            with open(cu, "w") as f:
+                f.write(unit)
+            jobs.append(cu)
+
+    def nvcc(cu: str):
+        r = subprocess.run(["nvcc", "--ptx", "-o", cu + ".ptx", cu], capture_output=True, text=True)
+        return cu, r.returncode, r.stderr
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(nvcc, jobs))
+    failed = [(cu, err) for cu, rc, err in results if rc != 0]
+    assert not failed, failed[0]
+    for cu, _, _ in results:  # one .entry per kernel: nothing was dropped
+        with open(cu) as f:
+            n = f.read().count('extern "C" __global__')
+        with open(cu + ".ptx") as f:
+            assert f.read().count(".entry") == n > 0, cu
+    shutil.rmtree(folder)
+
+
+def test_loop_bodies_become_one_kernel_per_phase():
+    """LSTM: forward one GEMM + one kernel a step; backward one kernel + one GEMM."""
+    m = compile_spec(os.path.join(ROOT, "specs", "lstm.rnn"), target="cupy", load=False)
+    src = m.source
+    fwd = src[src.index("def forward(") : src.index("def loss(")]
+    loop = fwd[fwd.index("    for t in range(") :].split("\n    out =")[0]
+    code = [line.strip() for line in loop.splitlines()[1:] if not line.strip().startswith("#")]
+    assert sum(line.startswith("launch(") for line in code) == 1, code
+    assert sum(" @ " in line for line in code) == 1, code
+    body = src[src.index("def loss_and_grads(") :]
+    back = body[body.index("for t in range(T_x - 1, -1, -1):") :].split("\n    del", 1)[0]
+    code = [line.strip() for line in back.splitlines()[1:] if not line.strip().startswith("#")]
+    assert sum(line.startswith("launch(") for line in code) == 1, code
+    assert sum(" @ " in line for line in code) == 1, code
+    assert "import cupy as cp" in src and "\nimport rnnc" not in src
+
+
+def test_fusion_names_values_after_the_numpy_code_and_quotes_equations():
+    m = compile_spec(os.path.join(ROOT, "bench", "specs", "gru_layer.rnn"), target="cupy",
+                     load=False)  # fmt: skip
+    units = kernel_units(m.source)["float"]
+    assert "// h = (1 - z) * n + z * h[t-1]" in units
+    assert "const real h_n_0 = tanh(" in units
+
+
+def test_kernels_are_planned_for_every_loop_of_every_spec():
+    from rnnc.fuse import loop_kernels
+    from rnnc.schedule import Loop
+
+    for path in SPECS:
+        m = compile_spec(path, dims=small_dims(path))
+        for fname, plan in m.plans.items():
+            fused = loop_kernels(plan, fname, str)
+            loops = [i for i, s in enumerate(plan.steps) if isinstance(s, Loop)]
+            assert sorted(fused) == loops
+            for items in fused.values():
+                assert any(isinstance(k, Kernel) for k in items), (path, fname)
+
+
+@needs_gxx
+@pytest.mark.parametrize("lengths", [False, True])
+def test_cupy_module_equals_numpy_for_every_spec(spec, lengths):
+    dims = small_dims(spec)
+    mn = compile_spec(spec, dims=dims)
+    mc = load_with_fake_cupy(cupy_source(spec, dims))
+    _Ts, params, inputs, targets, L = random_data(mn.graph, 6, 3, seed=3, lengths=lengths)
+    loss, grads = mn.loss_and_grads(params, inputs, targets, lengths=L, with_inputs=True)
+    loss_c, grads_c = mc.loss_and_grads(params, inputs, targets, lengths=L, with_inputs=True)
+    assert abs(loss_c - loss) <= 1e-10 * abs(loss)
+    assert set(grads_c) == set(grads)
+    for name in grads:
+        assert rel(grads_c[name], grads[name]) < 1e-10, name
+    out, out_c = mn.forward(params, inputs, lengths=L), mc.forward(params, inputs, lengths=L)
+    for name in out:
+        assert rel(out_c[name], out[name]) < 1e-10, name
+    assert mc.fake.counts, "no kernel ran"
+
+
+@needs_gxx
+@pytest.mark.parametrize("name", ["lstm.rnn", "gru.rnn", "deep_birnn.rnn"])
+def test_cupy_module_float32_within_1e5(name):
+    spec = os.path.join(ROOT, "specs", name)
+    dims = small_dims(spec)
+    mn = compile_spec(spec, dims=dims)
+    mc = load_with_fake_cupy(cupy_source(spec, dims))
+    _Ts, _, inputs, targets, _ = random_data(mn.graph, 8, 2, seed=4)
+    params = mn.init_params(0)
+    inputs = {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in inputs.items()}
+    loss, grads = mn.loss_and_grads(params, inputs, targets)
+    loss_c, grads_c = mc.loss_and_grads(params, inputs, targets)
+    assert abs(loss_c - loss) <= 1e-5 * abs(loss)
+    for k in grads:
+        assert grads_c[k].dtype == np.float32
+        assert rel(grads_c[k], grads[k]) < 1e-5, k
+
+
+@needs_gxx
+def test_truncated_bptt_carry_through_the_kernels():
+    spec = os.path.join(ROOT, "specs", "lstm.rnn")
+    dims = small_dims(spec)
+    mn = compile_spec(spec, dims=dims)
+    mc = load_with_fake_cupy(cupy_source(spec, dims))
+    _Ts, params, inputs, targets, _ = random_data(mn.graph, 5, 2, seed=5)
+    _, _, carry = mn.loss_and_grads(params, inputs, targets, return_carry=True)
+    a = mn.loss_and_grads(params, inputs, targets, carry=carry)
+    b = mc.loss_and_grads(params, inputs, targets, carry=carry)
+    assert abs(a[0] - b[0]) <= 1e-10 * abs(a[0])
+    assert all(rel(b[1][k], a[1][k]) < 1e-10 for k in a[1])
+
+
+@needs_gxx
+@settings(max_examples=12)
+@given(cells())
+def test_cupy_module_equals_numpy_for_random_cells(case):
+    program, opt = case
+    text = format_program(program)
+    mn = compile_spec(text)
+    mc = load_with_fake_cupy(compile_spec(text, target="cupy", load=False).source)
+    _Ts, params, inputs, targets, L = random_data(mn.graph, opt["T"], opt["B"], opt["seed"],
+                                                  opt["lengths"])  # fmt: skip
+    loss, grads = mn.loss_and_grads(params, inputs, targets, lengths=L)
+    loss_c, grads_c = mc.loss_and_grads(params, inputs, targets, lengths=L)
+    assert abs(loss_c - loss) <= 1e-10 * max(abs(loss), 1e-30)
+    for k in grads:
+        assert rel(grads_c[k], grads[k]) < 1e-10, k
+
+
+# ----- the command line -----
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rnnc.cli_entry", *args], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def test_compile_target_cupy_writes_code_on_any_machine(tmp_path):
+    out = tmp_path / "model.py"
+    r = run_cli("compile", "specs/gru.rnn", "--target", "cupy", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert "import cupy as cp" in text and "cp.RawKernel" in text and "KERNELS = {" in text
+
+
+def without_cupy() -> dict:
+    """An environment where `import cupy` fails, whatever this machine has installed."""
+    shim = tempfile.mkdtemp(prefix="rnnc-nocupy-")
+    with open(os.path.join(shim, "cupy.py"), "w") as f:
+        f.write("raise ImportError('No module named cupy')\n")
+    return {"PYTHONPATH": shim + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_run_target_cupy_without_cupy_says_so_and_exits_1():
+    r = run_cli("run", "specs/gru.rnn", "--target", "cupy", env=without_cupy())
+    assert r.returncode == 1
+    assert "needs CuPy, which is not installed" in r.stderr
+    assert "pip install 'rnnc[cupy]'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_no_driver_and_no_device_are_told_apart(monkeypatch):
+    import types
+
+    from rnnc.compiler import require_gpu
+
+    def fake(count):
+        rt = types.SimpleNamespace(getDeviceCount=count)
+        return types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=rt))
+
+    def no_driver():
+        raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+
+    monkeypatch.setitem(sys.modules, "cupy", fake(no_driver))
+    with pytest.raises(RnncError, match="no usable CUDA driver"):
+        require_gpu()
+    monkeypatch.setitem(sys.modules, "cupy", fake(lambda: 0))
+    with pytest.raises(RnncError, match="found no GPU"):
+        require_gpu()
+    monkeypatch.setitem(sys.modules, "cupy", fake(lambda: 1))
+    require_gpu()
+
+
+# ----- on a GPU -----
+
+
+def real_gpu() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not real_gpu(), reason="no GPU")
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 1e-5)])
+def test_on_the_gpu_cupy_equals_numpy(spec, dtype, tol):
+    import cupy
+
+    dims = small_dims(spec)
+    mn = compile_spec(spec, dims=dims)
+    mc = compile_spec(spec, dims=dims, target="cupy")
+    _Ts, params, inputs, targets, L = random_data(mn.graph, 6, 3, seed=7, lengths=True)
+    params = {k: v.astype(dtype) for k, v in params.items()}
+    inputs = {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in inputs.items()}
+    loss, grads = mn.loss_and_grads(params, inputs, targets, lengths=L)
+    loss_c, grads_c = mc.loss_and_grads(params, inputs, targets, lengths=L)
+    assert abs(loss_c - loss) <= tol * abs(loss)
+    for k in grads:
+        assert rel(cupy.asnumpy(grads_c[k]), grads[k]) < tol, k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not real_gpu(), reason="no GPU")
+@settings(max_examples=30)
+@given(cells())
+def test_on_the_gpu_random_cells(case):
+    import cupy
+
+    program, opt = case
+    text = format_program(program)
+    mn = compile_spec(text)
+    mc = compile_spec(text, target="cupy")
+    _Ts, params, inputs, targets, L = random_data(mn.graph, opt["T"], opt["B"], opt["seed"],
+                                                  opt["lengths"])  # fmt: skip
+    loss, grads = mn.loss_and_grads(params, inputs, targets, lengths=L)
+    loss_c, grads_c = mc.loss_and_grads(params, inputs, targets, lengths=L)
+    assert abs(loss_c - loss) <= 1e-10 * max(abs(loss), 1e-30)
+    for k in grads:
+        assert rel(cupy.asnumpy(grads_c[k]), grads[k]) < 1e-10, k
