@@ -439,6 +439,9 @@ class Module:
         leaves = sorted(n for n in used if OPS[g.nodes[n]["op"]].kind == "leaf")
         for n in leaves:
             b = leaf_binding(g, n, self.namer(n))
+            if b and self.target == "cupy" and g.nodes[n]["op"] == "param":
+                # parameters may arrive as NumPy arrays (a checkpoint): copy them over once
+                b = b.replace("= params[", "= cp.asarray(params[", 1) + ")"
             if b:
                 pro.append("    " + b)
         doms = self.domains(plan, leaves)
