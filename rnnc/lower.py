@@ -140,8 +140,7 @@ class Emitter:
             plain = f"{name}[{at('t', past - k)}]"
             if k == 0 or self.unmasked(u, k):
                 return plain
-            V = f"V_{ctx['M'][2:]}_{k if k > 0 else 'm' + str(-k)}"
-            self.masks.add((ctx["M"], V, k))
+            V = self.mask_name(u, k)
             nd = "[:, None]" * len(g.nodes[u]["shape"])
             return f"({plain} if {V} is None else {self.xp}.where({V}[t]{nd}, {plain}, {self.fill(u)}))"
         if k == 0:
@@ -150,8 +149,7 @@ class Emitter:
         plain = f"{name}[{lo}:{lo} + {T}]"
         if self.unmasked(u, k):
             return plain
-        V = f"V_{ctx['M'][2:]}_{k if k > 0 else 'm' + str(-k)}"
-        self.masks.add((ctx["M"], V, k))
+        V = self.mask_name(u, k)
         nd = "[..., None]" * len(g.nodes[u]["shape"])
         return f"({plain} if {V} is None else {self.xp}.where({V}{nd}, {plain}, {self.fill(u)}))"
 
@@ -345,6 +343,7 @@ class Emitter:
                     self.lines.append(line)
 
     def mask_name(self, u: int, k: int) -> str:
+        """The [T, B] mask of reads of u at t-k that fall inside the sequence (made once)."""
         ctx = context(self.g, u)
         V = f"V_{ctx['M'][2:]}_{k if k > 0 else 'm' + str(-k)}"
         self.masks.add((ctx["M"], V, k))

@@ -316,7 +316,7 @@ SUMS = [
 RULES: dict[str, list[Callable[[Graph, int], bool]]] = {
     "identity": [fold_identity],
     "sum": SUMS,
-    "add": [algebra, *SUMS[2:]],
+    "add": [algebra, pads_to_concat, factor, merge_delayed_terms, merge_edge_sums],
     "mul": [algebra],
     "div": [algebra],
     "sub": [algebra],
