@@ -159,16 +159,12 @@ def cmd_compile(a) -> int:
 def cmd_run(a) -> int:
     from .compiler import compile_spec
     from .data import check_arrays, check_lengths
-    from .files import load_npz, save_npz
+    from .files import load_npz, on_host, save_npz
 
     if a.target == "cupy":
         from .compiler import require_gpu
 
         require_gpu()  # says what is missing: CuPy, the driver, or a device
-        if a.train or a.generate is not None:
-            raise UsageError("training and generation run on the numpy target for now",
-                             hint="rnnc run --target cupy runs the forward pass and the loss",
-                             code="E504")  # fmt: skip
     if a.train or a.generate is not None:
         from .train import run_training
 
@@ -194,11 +190,6 @@ def cmd_run(a) -> int:
         save_npz(a.output, out)
         print(f"wrote {a.output}")
     return 0
-
-
-def on_host(v) -> np.ndarray:
-    """A NumPy array for a result of either target (CuPy arrays copy back with .get())."""
-    return v.get() if hasattr(v, "get") and not isinstance(v, (np.ndarray, dict)) else np.asarray(v)
 
 
 def load_params(path: str, m, dtype) -> dict[str, np.ndarray]:

@@ -85,6 +85,14 @@ class Model:
     plans: dict[str, Plan]
     source: str
     module: ModuleType | None = field(repr=False)
+    target: str = "numpy"
+
+    @property
+    def xp(self) -> ModuleType:
+        """The array module of this model's arrays: numpy, or cupy for the cupy target."""
+        import numpy
+
+        return self.module.cp if self.target == "cupy" else numpy
 
     def init_params(self, seed: int = 0, dtype: Any = None) -> dict:
         import numpy as np
@@ -191,4 +199,4 @@ def compile_spec(
     plans = plans_for(g, gg)
     source = lower(gg if gg is not None else g, plans, file, target)
     module = load_source(source, "rnnc_" + g.graph["model"]) if load else None
-    return Model(program, g, gg, plans, source, module)
+    return Model(program, g, gg, plans, source, module, target)

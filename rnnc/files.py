@@ -37,9 +37,16 @@ def atomic_write(path: str, data: bytes) -> None:
         os.close(dfd)
 
 
-def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+def on_host(v) -> np.ndarray:
+    """A NumPy array for an array of either target: a CuPy array is copied back with .get()
+    (NumPy refuses to convert one implicitly)."""
+    return v.get() if hasattr(v, "get") and not isinstance(v, (np.ndarray, dict)) else np.asarray(v)
+
+
+def save_npz(path: str, arrays: dict) -> None:
+    """Arrays (NumPy or CuPy) to an .npz, atomically."""
     buf = io.BytesIO()  # np.savez on a path would append .npz; a file object keeps the name
-    np.savez(buf, **arrays)
+    np.savez(buf, **{k: on_host(v) for k, v in arrays.items()})
     atomic_write(path, buf.getvalue())
 
 

@@ -434,7 +434,13 @@ class Module:
         self.kernels += em.kernels
         body = em.emit()
         used = {n for s in plan.steps for n in ([s.node] if isinstance(s, Once) else s.nodes)}
-        pro = ["    dt = np.result_type(*params.values()) if params else np.float64"]
+        pro = [
+            "    dt = np.result_type(*(p.dtype for p in params.values())) if params else np.float64"
+        ]
+        if self.target == "cupy":  # a carry may come from the host (a checkpoint)
+            pro.append(
+                "    carry = None if carry is None else {k: cp.asarray(v, dt) for k, v in carry.items()}"
+            )
         leaves = sorted(n for n in used if OPS[g.nodes[n]["op"]].kind == "leaf")
         for n in leaves:
             b = leaf_binding(g, n, self.namer(n))
@@ -532,7 +538,8 @@ class Module:
         items = []
         for name in g.graph["params"]:
             dn = grads.get(name)
-            zero = f"np.zeros_like(params[{name!r}])"  # a param the loss does not depend on
+            # a param the loss does not depend on (shape and dtype only: it may be on the host)
+            zero = f"np.zeros(params[{name!r}].shape, params[{name!r}].dtype)"
             items.append(f"{name!r}: {value(dn) if dn is not None else zero}")
         for name in g.graph["inputs"]:
             if name in grads and "d" + name in plan.wanted:

@@ -17,7 +17,7 @@ from . import tasks
 from .compiler import Model, compile_spec, parse_dims
 from .data import check_arrays, check_lengths
 from .errors import RnncError, UsageError
-from .files import atomic_write, load_npz, save_npz
+from .files import atomic_write, load_npz, on_host, save_npz
 
 DEFAULTS = {  # task: (sequence length, steps, learning rate, batch)
     "adding": (50, 1200, 1e-2, 64),
@@ -40,6 +40,12 @@ class State:
     offset: int = 0  # position in a text stream (truncated BPTT)
     carry: dict[str, np.ndarray] | None = None
 
+    def on(self, xp) -> State:
+        """The same state with its arrays in `xp`'s memory (cupy: on the device)."""
+        move = lambda d: None if d is None else {k: xp.asarray(v) for k, v in d.items()}  # noqa: E731
+        return State(move(self.params), move(self.m), move(self.v), self.step, self.rng,
+                     self.offset, move(self.carry))  # fmt: skip
+
 
 def lr_at(a, step: int, total: int) -> float:
     if a.schedule == "cosine":
@@ -51,7 +57,8 @@ def lr_at(a, step: int, total: int) -> float:
 
 def clip(grads: dict[str, np.ndarray], limit: float) -> float:
     """Scale all gradients together so their global norm is at most `limit`; return the norm."""
-    norm = float(np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values())))
+    # summed where the gradients are (host or device), read back once
+    norm = math.sqrt(float(sum((g.astype(np.float64) ** 2).sum() for g in grads.values())))
     if limit > 0 and norm > limit:
         for k in grads:
             grads[k] = grads[k] * (limit / norm)
@@ -219,7 +226,7 @@ def run_training(a) -> int:
     if a.generate is not None:
         return run_generate(a)
     dims = {**task_dims(a), **parse_dims(a.dim)}
-    m = compile_spec(a.spec, dims=dims, model=a.model)
+    m = compile_spec(a.spec, dims=dims, model=a.model, target=a.target)
     if m.grad_graph is None:
         from .check import require_loss
 
@@ -235,11 +242,11 @@ def run_training(a) -> int:
     if a.resume:
         if not a.checkpoint or not os.path.exists(a.checkpoint):
             raise UsageError("--resume needs an existing --checkpoint file", code="E501")
-        s = load_checkpoint(a.checkpoint, m, dtype, meta)
+        s = load_checkpoint(a.checkpoint, m, dtype, meta).on(m.xp)
     else:
-        params = m.init_params(a.seed, dtype)
-        s = State(params, {k: np.zeros_like(v) for k, v in params.items()},
-                  {k: np.zeros_like(v) for k, v in params.items()}, 0, np.random.default_rng(a.seed))  # fmt: skip
+        params = m.init_params(a.seed, dtype)  # on the device for the cupy target
+        zeros = lambda: {k: m.xp.zeros_like(v) for k, v in params.items()}  # noqa: E731
+        s = State(params, zeros(), zeros(), 0, np.random.default_rng(a.seed))
     val_rng = np.random.default_rng(10_000 + a.seed)
     val = src.batch(val_rng, None)
     check_batch(m, val, src.task)
@@ -407,7 +414,8 @@ def run_generate(a) -> int:
         raise RnncError(
             f"{a.checkpoint} was not trained on text: it has no character set", code="E543"
         )
-    m = compile_spec(a.spec, dims={"V": len(chars), **parse_dims(a.dim)}, model=a.model)
+    m = compile_spec(a.spec, dims={"V": len(chars), **parse_dims(a.dim)}, model=a.model,
+                     target=a.target)  # fmt: skip
     rules = m.graph.graph["generate"]
     if len(rules) != 1:
         raise RnncError(
@@ -417,9 +425,8 @@ def run_generate(a) -> int:
     o_name = sampled_output(m, x_name)
     if a.temperature <= 0:
         raise UsageError("--temperature must be > 0", code="E501")
-    s = load_checkpoint(
-        a.checkpoint, m, np.float64, {"model": m.graph.graph["model"], "task": "text"}
-    )
+    meta = {"model": m.graph.graph["model"], "task": "text"}
+    s = load_checkpoint(a.checkpoint, m, np.float64, meta).on(m.xp)
     index = {c: i for i, c in enumerate(chars)}
     prime = [index.get(c, 0) for c in (a.prime or "\n")]
     rng = np.random.default_rng(a.seed)
@@ -428,7 +435,7 @@ def run_generate(a) -> int:
     x = np.eye(V)[np.array(prime)][:, None, :]  # the prime, all at once
     for _ in range(a.generate):
         res, carry = m.forward(s.params, {x_name: x}, carry=carry, return_carry=True)
-        p = res[o_name][-1, 0].astype(np.float64)
+        p = on_host(res[o_name][-1, 0]).astype(np.float64)
         logits = np.log(np.maximum(p, 1e-30)) / a.temperature
         q = np.exp(logits - logits.max())
         nxt = int(rng.choice(V, p=q / q.sum()))

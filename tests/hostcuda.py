@@ -1,5 +1,6 @@
 """Running the CuPy target without a GPU, for tests: a stand-in `cupy` module whose arrays are
-NumPy arrays and whose RawKernels are the generated CUDA source compiled as host C++ (g++),
+device arrays (NumPy arrays behind a wall that, like CuPy's, refuses
+mixing with host arrays) and whose RawKernels are the generated CUDA source compiled as host C++ (g++),
 each kernel run once per thread index. The kernels' arithmetic, indexing, argument order,
 masks and buffers are the real ones; only the device is emulated."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import linecache
 import os
 import re
 import shutil
@@ -16,6 +18,7 @@ import tempfile
 import types
 
 import numpy as np
+from numpy.lib.mixins import NDArrayOperatorsMixin
 
 HOST_PRELUDE = """
 #include <cmath>
@@ -64,6 +67,97 @@ def build(source: str) -> ctypes.CDLL:
     return ctypes.CDLL(lib)
 
 
+class DeviceArray(NDArrayOperatorsMixin):
+    """A "device" array: a NumPy array behind a wall. As with CuPy, mixing it with a host
+    (NumPy) array raises TypeError, np.asarray on it raises, and .get() copies it back; NumPy
+    functions and ufuncs given only device arrays run and return device arrays."""
+
+    __slots__ = ("a",)
+
+    def __init__(self, a: np.ndarray):
+        self.a = a
+
+    def get(self) -> np.ndarray:
+        return self.a.copy()
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed. "
+                        "Please use `.get()` to construct a NumPy array explicitly.")  # fmt: skip
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kw):
+        out = kw.get("out")
+        result = getattr(ufunc, method)(*on_device(inputs), **on_device(kw))
+        if out is not None:  # in place (a += b): the same device arrays
+            return out[0] if len(out) == 1 else out
+        return wrap(result)
+
+    def __array_function__(self, func, types, args, kwargs):
+        return wrap(func(*on_device(args), **on_device(kwargs)))
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # no __array_interface__ & co: NumPy must not see through
+            raise AttributeError(name)
+        value = getattr(self.a, name)
+        if callable(value):
+            return lambda *args, **kw: wrap(value(*on_device(args), **on_device(kw)))
+        return wrap(value)
+
+    def __getitem__(self, key):
+        return wrap(self.a[on_device(key)])
+
+    def __setitem__(self, key, value) -> None:
+        self.a[on_device(key)] = on_device(value)
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def __iter__(self):
+        return (wrap(row) for row in self.a)
+
+    def __float__(self) -> float:
+        return float(self.a)
+
+    def __int__(self) -> int:
+        return int(self.a)
+
+    def __bool__(self) -> bool:
+        return bool(self.a)
+
+    def __repr__(self) -> str:
+        return f"device({self.a!r})"
+
+
+def on_device(x):
+    """The NumPy arrays behind device arrays (in tuples, lists and dicts); a host array here
+    is the mistake CuPy would raise on."""
+    if isinstance(x, DeviceArray):
+        return x.a
+    if isinstance(x, np.ndarray):
+        raise TypeError(f"a host (NumPy) array {x.shape} where CuPy needs a device array")
+    if isinstance(x, (tuple, list)):
+        return type(x)(on_device(v) for v in x)
+    if isinstance(x, dict):
+        return {k: on_device(v) for k, v in x.items()}
+    return x
+
+
+def wrap(x):
+    """Arrays NumPy returned, as device arrays (0-d ones too: CuPy returns no scalars)."""
+    if isinstance(x, (np.ndarray, np.generic)) and not isinstance(x, np.dtype):
+        return DeviceArray(np.asarray(x))
+    if isinstance(x, tuple):
+        return tuple(wrap(v) for v in x)
+    if isinstance(x, list):
+        return [wrap(v) for v in x]
+    return x
+
+
+def to_device(x, *args, **kw):
+    """cp.asarray / cp.array: the one explicit way onto the device."""
+    a = x.a if isinstance(x, DeviceArray) else x
+    return DeviceArray(np.asarray(a, *args, **kw))
+
+
 class HostKernel:
     def __init__(self, lib: ctypes.CDLL, name: str, real: type):
         self.fn = getattr(lib, f"drive_{name}")
@@ -74,9 +168,10 @@ class HostKernel:
         assert grid[0] * block[0] >= int(args[-1])  # enough threads for n
         cargs = []
         for a in args:
-            if isinstance(a, np.ndarray):
-                assert a.flags.c_contiguous
-                cargs.append(ctypes.c_void_p(a.ctypes.data))
+            assert not isinstance(a, np.ndarray), "a host array passed to a kernel"
+            if isinstance(a, DeviceArray):
+                assert a.a.flags.c_contiguous
+                cargs.append(ctypes.c_void_p(a.a.ctypes.data))
             elif isinstance(a, np.int32):
                 cargs.append(ctypes.c_int(int(a)))
             else:
@@ -85,26 +180,42 @@ class HostKernel:
         self.launches += 1
 
 
-def fake_cupy(ns: dict) -> types.ModuleType:
-    """A `cupy` for one generated module (namespace `ns`, filled once it is loaded): NumPy
-    for arrays, host C++ for its kernels."""
+def device_function(name: str):
+    """cupy.<name>: NumPy's function on device arrays only."""
+    f = getattr(np, name)
+    if isinstance(f, type) or not callable(f):  # dtypes, constants
+        return f
+    return lambda *args, **kw: wrap(f(*on_device(args), **on_device(kw)))
+
+
+def fake_cupy(ns: dict | None = None) -> types.ModuleType:
+    """A `cupy`: device arrays over NumPy, host C++ for kernels. Given the namespace `ns` of
+    one generated module (filled once it is loaded), all its kernels of a dtype compile as one
+    library; without it, each RawKernel compiles its own code."""
     cp = types.ModuleType("cupy")
     libs: dict[str, ctypes.CDLL] = {}
     cp.counts = {}
 
     def raw_kernel(code: str, name: str) -> HostKernel:
         real = "float" if code.startswith("typedef float") else "double"
-        if real not in libs:
-            all_kernels = "\n".join(ns["KERNELS"].values())
-            libs[real] = build(f"typedef {real} real;\n" + ns["PRELUDE"] + all_kernels)
-        k = HostKernel(libs[real], name, ctypes.c_float if real == "float" else ctypes.c_double)
+        if ns is None:
+            lib = build(code)
+        else:
+            if real not in libs:
+                all_kernels = "\n".join(ns["KERNELS"].values())
+                libs[real] = build(f"typedef {real} real;\n" + ns["PRELUDE"] + all_kernels)
+            lib = libs[real]
+        k = HostKernel(lib, name, ctypes.c_float if real == "float" else ctypes.c_double)
         cp.counts[name] = k
         return k
 
     cp.RawKernel = raw_kernel
-    cp.ndarray = np.ndarray
+    cp.ndarray = DeviceArray
+    cp.asarray = cp.array = to_device
+    cp.asnumpy = lambda x: x.get() if isinstance(x, DeviceArray) else np.asarray(x)
+    cp.get_array_module = lambda *xs: cp if any(isinstance(x, DeviceArray) for x in xs) else np
     cp.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
-    cp.__getattr__ = lambda name: getattr(np, name)  # the rest of the API: NumPy's
+    cp.__getattr__ = device_function  # the rest of the API: NumPy's, on device arrays
     return cp
 
 
@@ -115,7 +226,9 @@ def load_with_fake_cupy(source: str) -> types.ModuleType:
     saved = sys.modules.get("cupy")
     sys.modules["cupy"] = cp
     try:
-        exec(compile(source, "<cupy module>", "exec"), mod.__dict__)
+        name = f"<cupy module {hashlib.sha1(source.encode()).hexdigest()[:8]}>"
+        linecache.cache[name] = (len(source), None, source.splitlines(True), name)  # tracebacks
+        exec(compile(source, name, "exec"), mod.__dict__)
     finally:
         if saved is None:
             del sys.modules["cupy"]

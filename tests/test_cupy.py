@@ -5,6 +5,7 @@ what is missing. With a GPU (`-m gpu`): the same comparisons on the device with 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -120,10 +121,10 @@ def test_cupy_module_equals_numpy_for_every_spec(spec, lengths):
     assert abs(loss_c - loss) <= 1e-10 * abs(loss)
     assert set(grads_c) == set(grads)
     for name in grads:
-        assert rel(grads_c[name], grads[name]) < 1e-10, name
+        assert rel(grads_c[name].get(), grads[name]) < 1e-10, name
     out, out_c = mn.forward(params, inputs, lengths=L), mc.forward(params, inputs, lengths=L)
     for name in out:
-        assert rel(out_c[name], out[name]) < 1e-10, name
+        assert rel(out_c[name].get(), out[name]) < 1e-10, name
     assert mc.fake.counts, "no kernel ran"
 
 
@@ -142,7 +143,7 @@ def test_cupy_module_float32_within_1e5(name):
     assert abs(loss_c - loss) <= 1e-5 * abs(loss)
     for k in grads:
         assert grads_c[k].dtype == np.float32
-        assert rel(grads_c[k], grads[k]) < 1e-5, k
+        assert rel(grads_c[k].get(), grads[k]) < 1e-5, k
 
 
 @needs_gxx
@@ -156,10 +157,10 @@ def test_truncated_bptt_carry_through_the_kernels():
     a = mn.loss_and_grads(params, inputs, targets, carry=carry)
     b = mc.loss_and_grads(params, inputs, targets, carry=carry)
     assert abs(a[0] - b[0]) <= 1e-10 * abs(a[0])
-    assert all(rel(b[1][k], a[1][k]) < 1e-10 for k in a[1])
+    assert all(rel(b[1][k].get(), a[1][k]) < 1e-10 for k in a[1])
 
 
-def same_as_numpy_for_a_random_cell(case, cupy_module, host=np.asarray) -> None:
+def same_as_numpy_for_a_random_cell(case, cupy_module) -> None:
     """The NumPy target and the CuPy module `cupy_module(text)` agree to 1e-10."""
     program, opt = case
     text = format_program(program)
@@ -171,7 +172,7 @@ def same_as_numpy_for_a_random_cell(case, cupy_module, host=np.asarray) -> None:
     loss_c, grads_c = mc.loss_and_grads(params, inputs, targets, lengths=L)
     assert abs(loss_c - loss) <= 1e-10 * max(abs(loss), 1e-30)
     for k in grads:
-        assert rel(host(grads_c[k]), grads[k]) < 1e-10, k
+        assert rel(grads_c[k].get(), grads[k]) < 1e-10, k
 
 
 def on_host_stand_in(text: str):
@@ -183,6 +184,133 @@ def on_host_stand_in(text: str):
 @given(cells())
 def test_cupy_module_equals_numpy_for_random_cells(case):
     same_as_numpy_for_a_random_cell(case, on_host_stand_in)
+
+
+def test_the_stand_in_refuses_what_cupy_refuses():
+    """The stand-in is only worth its passes if it fails where CuPy would."""
+    from hostcuda import fake_cupy
+
+    cp = fake_cupy()
+    d, h = cp.asarray(np.ones(3)), np.ones(3)
+    for mix in (lambda: d + h, lambda: h * d, lambda: cp.concatenate([d, h]),
+                lambda: d.__setitem__(slice(0, 3), h), lambda: np.asarray(d)):  # fmt: skip
+        with pytest.raises(TypeError):
+            mix()
+    d += cp.ones(3)  # device with device: fine, in place
+    assert isinstance(d, cp.ndarray) and isinstance(np.tanh(d), cp.ndarray)
+    assert d.get().tolist() == [2.0, 2.0, 2.0] and float(d.sum()) == 6.0
+
+
+@needs_gxx
+def test_device_params_and_a_host_carry_are_both_taken():
+    spec = os.path.join(ROOT, "specs", "lstm.rnn")
+    dims = small_dims(spec)
+    mn = compile_spec(spec, dims=dims)
+    mc = load_with_fake_cupy(cupy_source(spec, dims))
+    _Ts, params, inputs, targets, _ = random_data(mn.graph, 4, 2, seed=6)
+    _, _, carry = mn.loss_and_grads(params, inputs, targets, return_carry=True)  # host carry
+    a = mn.loss_and_grads(params, inputs, targets, carry=carry)
+    dev = {k: mc.fake.asarray(v) for k, v in params.items()}
+    b = mc.loss_and_grads(dev, inputs, targets, carry=carry)
+    assert abs(a[0] - b[0]) <= 1e-10 * abs(a[0])
+    assert all(rel(b[1][k].get(), a[1][k]) < 1e-10 for k in a[1])
+
+
+# ----- training and generation on the cupy target (the stand-in as `cupy`) -----
+
+
+@pytest.fixture
+def stand_in_cupy(monkeypatch):
+    from hostcuda import fake_cupy
+
+    cp = fake_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    return cp
+
+
+def train(tmp_path, target: str, *extra: str) -> dict:
+    from rnnc.cli import main
+
+    ck = tmp_path / f"{target}.npz"
+    args = ["run", *extra, "--train", "--float64", "--quiet", "--seed", "3", "--target", target,
+            "--checkpoint", str(ck), "--log", str(tmp_path / f"{target}.jsonl")]  # fmt: skip
+    assert main(args) == 0
+    return dict(np.load(ck))
+
+
+ADDING = [os.path.join(ROOT, "specs", "adding_lstm.rnn"), "--task", "adding", "--dim", "H=8",
+          "--seq-len", "6", "--batch", "4", "--steps", "12"]  # fmt: skip
+
+
+@needs_gxx
+def test_training_on_the_cupy_target_follows_numpy(tmp_path, stand_in_cupy):
+    host = train(tmp_path, "numpy", *ADDING)
+    dev = train(tmp_path, "cupy", *ADDING)
+    assert sum(k.launches for k in stand_in_cupy.counts.values()) > 12 * 6  # kernels ran
+    weights = [k for k in host if k.startswith(("param/", "opt.m/", "opt.v/"))]
+    assert weights and set(weights) == {k for k in dev if k != "meta"}
+    for k in weights:
+        assert rel(dev[k], host[k]) < 1e-9, k
+    log = lambda t: [
+        json.loads(x)["loss"] for x in (tmp_path / f"{t}.jsonl").read_text().split("\n") if x
+    ]  # noqa: E731
+    assert np.allclose(log("cupy")[1:], log("numpy")[1:], rtol=1e-10, atol=0)
+
+
+@needs_gxx
+def test_resume_on_the_cupy_target_is_exact(tmp_path, stand_in_cupy):
+    whole = train(tmp_path, "cupy", *ADDING)
+    half = [*ADDING[:-1], "6"]
+    (tmp_path / "cupy.npz").unlink()
+    train(tmp_path, "cupy", *half)
+    resumed = train(tmp_path, "cupy", *ADDING, "--resume")
+    for k in whole:
+        if k != "meta":
+            assert np.array_equal(resumed[k], whole[k]), k
+
+
+@needs_gxx
+def test_truncated_bptt_and_generation_on_the_cupy_target(tmp_path, stand_in_cupy, capsys):
+    from rnnc.cli import main
+
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    spec = os.path.join(ROOT, "specs", "generator.rnn")  # has a `generate` rule
+    text = [spec, "--task", "text", "--text", str(tmp_path / "t.txt"), "--dim", "H=8",
+            "--seq-len", "8", "--batch", "4", "--steps", "5"]  # fmt: skip
+    host, dev = train(tmp_path, "numpy", *text), train(tmp_path, "cupy", *text)
+    assert [k for k in host if k.startswith("carry/")]  # the state carried between windows
+    for k in host:
+        if k != "meta":
+            assert rel(dev[k], host[k]) < 1e-9, k
+    capsys.readouterr()
+    said = {}
+    for target in ("numpy", "cupy"):
+        ck = str(tmp_path / f"{target}.npz")
+        assert main(["run", spec, "--generate", "40", "--checkpoint", ck, "--prime", "the ",
+                     "--dim", "H=8", "--seed", "1", "--target", target]) == 0  # fmt: skip
+        said[target] = capsys.readouterr().out
+    assert said["cupy"] == said["numpy"] and len(said["cupy"].rstrip("\n")) == 44
+
+
+@needs_gxx
+def test_run_target_cupy_writes_the_numpy_targets_outputs(tmp_path, stand_in_cupy):
+    from rnnc.cli import main
+
+    spec = os.path.join(ROOT, "specs", "tagger.rnn")
+    mn = compile_spec(spec, dims=small_dims(spec))
+    _Ts, _, inputs, targets, L = random_data(mn.graph, 5, 3, seed=8, lengths=True)
+    lengths = {f"{k}.lengths": v for k, v in (L or {}).items()}
+    np.savez(tmp_path / "d.npz", **inputs, **targets, **lengths)
+    dims = [x for k, v in small_dims(spec).items() for x in ("--dim", f"{k}={v}")]
+    outs = {}
+    for target in ("numpy", "cupy"):
+        out = tmp_path / f"{target}.npz"
+        assert main(["run", spec, "--data", str(tmp_path / "d.npz"), "--float64", "--target",
+                     target, "-o", str(out), *dims]) == 0  # fmt: skip
+        outs[target] = dict(np.load(out))
+    assert set(outs["cupy"]) == set(outs["numpy"]) and "loss" in outs["cupy"]
+    for k, v in outs["numpy"].items():
+        assert rel(outs["cupy"][k], v) < 1e-10, k
 
 
 # ----- the command line -----
@@ -274,7 +402,15 @@ def test_on_the_gpu_cupy_equals_numpy(spec, dtype, tol):
 @settings(max_examples=30)
 @given(cells())
 def test_on_the_gpu_random_cells(case):
-    import cupy
 
-    same_as_numpy_for_a_random_cell(case, lambda text: compile_spec(text, target="cupy"),
-                                    cupy.asnumpy)  # fmt: skip
+    same_as_numpy_for_a_random_cell(case, lambda text: compile_spec(text, target="cupy"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not real_gpu(), reason="no GPU")
+def test_on_the_gpu_training_follows_numpy(tmp_path):
+    host = train(tmp_path, "numpy", *ADDING)
+    dev = train(tmp_path, "cupy", *ADDING)
+    for k in host:
+        if k != "meta":
+            assert rel(dev[k], host[k]) < 1e-9, k
