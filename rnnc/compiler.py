@@ -151,6 +151,20 @@ def require_gpu() -> None:
     if count == 0:
         raise RnncError("the cupy target found no GPU", Span(), hint="use --target numpy",
                         code="E503")  # fmt: skip
+    # CuPy's pip wheels load these from a CUDA toolkit at first use: check now, not mid-run
+    probes = {"cuBLAS": lambda: cupy.cuda.cublas, "NVRTC": lambda: cupy.cuda.nvrtc.getVersion()}
+    for lib, probe in probes.items():
+        try:
+            probe()
+        except Exception as e:  # ImportError, RuntimeError: a shared library not found
+            raise RnncError(
+                f"the cupy target needs CUDA's {lib} library, which CuPy could not load "
+                f"({type(e).__name__}: {e})",
+                Span(),
+                hint="install the CUDA 12 toolkit, or `pip install nvidia-cublas-cu12 "
+                "nvidia-cuda-nvrtc-cu12` and add their lib folders to LD_LIBRARY_PATH",
+                code="E503",
+            ) from None
 
 
 def plans_for(g: Graph, gg: Graph | None) -> dict[str, Plan]:

@@ -68,8 +68,9 @@ def ce_logits(z, y):
 
 
 def ce_logits_d(z, y):
+    # softmax minus one-hot (a mask, not put_along_axis: CuPy has no put_along_axis)
     d = softmax(z)
-    np.put_along_axis(d, y[..., None], np.take_along_axis(d, y[..., None], -1) - 1, axis=-1)
+    d -= np.arange(d.shape[-1]) == y[..., None]
     return d
 
 
@@ -79,10 +80,9 @@ def ce_probs(p, y):
 
 
 def ce_probs_d(p, y):
-    d = np.zeros_like(p)
     q = np.take_along_axis(p, y[..., None], axis=-1)
-    np.put_along_axis(d, y[..., None], -1 / np.maximum(q, np.finfo(p.dtype).tiny), axis=-1)
-    return d
+    hit = np.arange(p.shape[-1]) == y[..., None]
+    return np.where(hit, -1 / np.maximum(q, np.finfo(p.dtype).tiny), 0).astype(p.dtype)
 
 
 def onehot(i, n, dtype):

@@ -97,6 +97,8 @@ class DeviceArray(NDArrayOperatorsMixin):
     def __getattr__(self, name: str):
         if name.startswith("__"):  # no __array_interface__ & co: NumPy must not see through
             raise AttributeError(name)
+        if name not in API["cupy.ndarray"]:
+            raise AttributeError(f"cupy.ndarray has no attribute {name!r}")
         value = getattr(self.a, name)
         if callable(value):
             return lambda *args, **kw: wrap(value(*on_device(args), **on_device(kw)))
@@ -125,6 +127,23 @@ class DeviceArray(NDArrayOperatorsMixin):
 
     def __repr__(self) -> str:
         return f"device({self.a!r})"
+
+
+def cupy_api() -> dict[str, frozenset[str]]:
+    """The public names of cupy and of cupy.ndarray (tests/cupy_api.txt)."""
+    out: dict[str, set[str]] = {}
+    section = None
+    with open(os.path.join(os.path.dirname(__file__), "cupy_api.txt")) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("["):
+                section = out.setdefault(line[1:-1], set())
+            elif line and not line.startswith("#") and section is not None:
+                section.add(line)
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+API = cupy_api()
 
 
 def on_device(x):
@@ -181,7 +200,9 @@ class HostKernel:
 
 
 def device_function(name: str):
-    """cupy.<name>: NumPy's function on device arrays only."""
+    """cupy.<name>: NumPy's function on device arrays only (names CuPy has, only)."""
+    if name not in API["cupy"]:
+        raise AttributeError(f"module 'cupy' has no attribute {name!r}")
     f = getattr(np, name)
     if isinstance(f, type) or not callable(f):  # dtypes, constants
         return f
@@ -236,3 +257,15 @@ def load_with_fake_cupy(source: str) -> types.ModuleType:
             sys.modules["cupy"] = saved
     mod.fake = cp
     return mod
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--api"]:  # regenerate tests/cupy_api.txt
+    import cupy
+
+    print(f"# The public names of cupy {cupy.__version__} (the rnnc[cupy] extra) and of "
+          "cupy.ndarray:\n# the stand-in (hostcuda.py) offers only these, so code that CuPy "
+          "lacks fails here too.\n# Regenerate with CuPy installed: python tests/hostcuda.py "
+          "--api > tests/cupy_api.txt")  # fmt: skip
+    print("[cupy]", *sorted(n for n in dir(cupy) if not n.startswith("_")), sep="\n")
+    print("[cupy.ndarray]", *sorted(n for n in dir(cupy.ndarray) if not n.startswith("_")),
+          sep="\n")  # fmt: skip

@@ -70,6 +70,33 @@ def test_every_specs_kernels_compile_to_ptx():
     shutil.rmtree(folder)
 
 
+def nvrtc_or_none():
+    """CuPy's runtime compiler binding, where CuPy and libnvrtc are installed (no GPU needed)."""
+    try:
+        import cupy
+
+        cupy.cuda.nvrtc.getVersion()
+        return cupy.cuda.nvrtc
+    except Exception:
+        return None
+
+
+@pytest.mark.skipif(nvrtc_or_none() is None, reason="CuPy with NVRTC is not installed")
+def test_every_specs_kernels_compile_with_nvrtc():
+    """NVRTC is what cupy.RawKernel compiles with on the device: no headers, its own builtins."""
+    nvrtc = nvrtc_or_none()
+    for path in SPECS:
+        for real, unit in kernel_units(cupy_source(path)).items():
+            prog = nvrtc.createProgram(unit, "k.cu", [], [])
+            try:
+                nvrtc.compileProgram(prog, ["-arch=compute_90"])
+            except Exception as e:
+                pytest.fail(f"{path} ({real}): {e}\n{nvrtc.getProgramLog(prog)}")
+            n = unit.count('extern "C" __global__')
+            assert nvrtc.getPTX(prog).count(b".entry") == n > 0, (path, real)
+            nvrtc.destroyProgram(prog)
+
+
 def test_loop_bodies_become_one_kernel_per_phase():
     """LSTM: forward one GEMM + one kernel a step; backward one kernel + one GEMM."""
     m = compile_spec(os.path.join(ROOT, "specs", "lstm.rnn"), target="cupy", load=False)
@@ -196,6 +223,10 @@ def test_the_stand_in_refuses_what_cupy_refuses():
                 lambda: d.__setitem__(slice(0, 3), h), lambda: np.asarray(d)):  # fmt: skip
         with pytest.raises(TypeError):
             mix()
+    with pytest.raises(AttributeError):  # NumPy has it, CuPy 13 does not
+        cp.put_along_axis(d, cp.zeros((1,), np.int64), d[:1], axis=0)
+    with pytest.raises(AttributeError):
+        d.byteswap()  # a NumPy array's method that CuPy arrays lack
     d += cp.ones(3)  # device with device: fine, in place
     assert isinstance(d, cp.ndarray) and isinstance(np.tanh(d), cp.ndarray)
     assert d.get().tolist() == [2.0, 2.0, 2.0] and float(d.sum()) == 6.0
@@ -251,10 +282,13 @@ def test_training_on_the_cupy_target_follows_numpy(tmp_path, stand_in_cupy):
     assert weights and set(weights) == {k for k in dev if k != "meta"}
     for k in weights:
         assert rel(dev[k], host[k]) < 1e-9, k
-    log = lambda t: [
-        json.loads(x)["loss"] for x in (tmp_path / f"{t}.jsonl").read_text().split("\n") if x
-    ]  # noqa: E731
-    assert np.allclose(log("cupy")[1:], log("numpy")[1:], rtol=1e-10, atol=0)
+
+    def losses(target: str) -> list[float]:
+        rows = (tmp_path / f"{target}.jsonl").read_text().splitlines()
+        return [json.loads(row)["loss"] for row in rows[1:]]  # row 0: before training
+
+    assert len(losses("cupy")) == 12
+    assert np.allclose(losses("cupy"), losses("numpy"), rtol=1e-10, atol=0)
 
 
 @needs_gxx
@@ -344,17 +378,22 @@ def test_run_target_cupy_without_cupy_says_so_and_exits_1():
     assert "pip install 'rnnc[cupy]'" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_no_driver_and_no_device_are_told_apart(monkeypatch):
+def test_no_driver_no_device_and_no_toolkit_are_told_apart(monkeypatch):
     import types
 
     from rnnc.compiler import require_gpu
 
-    def fake(count):
+    def fake(count, nvrtc_version=lambda: (12, 9)):
         rt = types.SimpleNamespace(getDeviceCount=count)
-        return types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=rt))
+        nvrtc = types.SimpleNamespace(getVersion=nvrtc_version)
+        return types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=rt, nvrtc=nvrtc, cublas=1))
 
     def no_driver():
         raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+
+    def no_nvrtc():  # what CuPy 13 says without a CUDA toolkit
+        raise RuntimeError("CuPy failed to load libnvrtc.so.12: OSError: libnvrtc.so.12: "
+                           "cannot open shared object file: No such file or directory")  # fmt: skip
 
     monkeypatch.setitem(sys.modules, "cupy", fake(no_driver))
     with pytest.raises(RnncError, match="no usable CUDA driver"):
@@ -362,6 +401,10 @@ def test_no_driver_and_no_device_are_told_apart(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fake(lambda: 0))
     with pytest.raises(RnncError, match="found no GPU"):
         require_gpu()
+    monkeypatch.setitem(sys.modules, "cupy", fake(lambda: 1, no_nvrtc))
+    with pytest.raises(RnncError, match="needs CUDA's NVRTC library") as e:
+        require_gpu()
+    assert "nvidia-cuda-nvrtc-cu12" in e.value.hint
     monkeypatch.setitem(sys.modules, "cupy", fake(lambda: 1))
     require_gpu()
 
