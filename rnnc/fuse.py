@@ -45,6 +45,16 @@ class Kernel:
     source: str = ""  # CUDA C; `real` is a typedef the caller puts in front
 
 
+@dataclass
+class Accumulate:
+    """`into = partial + gemm` without a kernel of its own: the kernel that makes `partial`
+    writes it into `into`'s row, then the GEMM adds its product there (cuBLAS, beta = 1)."""
+
+    gemm: int
+    into: int
+    partial: int
+
+
 def fusable(g: Graph, n: int) -> bool:
     d = g.nodes[n]
     op = OPS[d["op"]]
@@ -115,7 +125,61 @@ def build(
             items.append(k)
         else:
             items.append(nodes)
-    return items
+    return accumulated(g, plan, loop, items)
+
+
+def only_use(g: Graph, plan: Plan, u: int, v: int) -> bool:
+    """u is read by v alone, this step, and kept nowhere."""
+    edges = list(g.out_edges(u, data=True))
+    return (
+        len(edges) == 1
+        and edges[0][1] == v
+        and edges[0][2]["delay"] == 0
+        and u not in plan.stored
+        and u not in plan.wanted.values()
+        and plan.pads.get(u, (0, 0)) == (0, 0)
+    )
+
+
+def accumulated(
+    g: Graph, plan: Plan, loop: Loop, items: list[list[int] | Kernel]
+) -> list[list[int] | Kernel | Accumulate]:
+    """A step that ends in a kernel computing only `n = a + W·x`, with `a` from an earlier
+    kernel: that kernel writes a into n's row and the GEMM accumulates into it (GRU's
+    backward step: dh[t-1] = dh·z + Uᵀ·dgates), so the step has one launch fewer."""
+    out: list = list(items)
+    last = out[-1] if out else None
+    if not (isinstance(last, Kernel) and len(last.nodes) == 1 and len(out) >= 3):
+        return out
+    (n,) = last.nodes
+    d = g.nodes[n]
+    ins = operands(g, n)
+    if (
+        d["op"] not in ("add", "sum")
+        or len(ins) != 2
+        or any(k for _, k in ins)
+        or len(d["shape"]) != 1
+    ):
+        return out
+    gemms = out[-2]
+    for (m, _), (a, _) in (ins, ins[::-1]):
+        op = OPS[g.nodes[m]["op"]]
+        if op.accumulate is None or not isinstance(gemms, list) or m not in gemms:
+            continue
+        (w, kw), (_, kx) = operands(g, m)
+        if g.nodes[w]["level"] != GLOBAL or len(g.nodes[w]["shape"]) != 2 or kw or kx:
+            continue  # cuBLAS needs a fixed matrix and this step's [B, K] rows
+        maker = next((k for k in out[:-2] if isinstance(k, Kernel) and a in k.nodes), None)
+        if maker is None or not only_use(g, plan, m, n) or not only_use(g, plan, a, n):
+            continue
+        if tuple(g.nodes[a]["shape"]) != tuple(d["shape"]):
+            continue
+        for arg in maker.args:
+            if arg.out and arg.node == a:
+                arg.node = n  # the kernel's result goes straight into n's row
+        gemms.remove(m)
+        return [*out[:-2], *([gemms] if gemms else []), Accumulate(m, n, a)]
+    return out
 
 
 def outputs(g: Graph, plan: Plan, loop: Loop, nodes: list[int]) -> list[int]:

@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from . import kernels
-from .fuse import Kernel, loop_kernels, needs_mask
+from .fuse import Accumulate, Kernel, loop_kernels, needs_mask
 from .graph import Graph, init_of, is_seq, operands
 from .interpret import context
 from .ops import CUDA_PRELUDE, OPS, operand_text, render, slot_prec_of, slot_uses
@@ -299,6 +299,9 @@ class Emitter:
             if isinstance(item, Kernel):
                 self.launch(item, loop, seen)
                 continue
+            if isinstance(item, Accumulate):
+                self.accumulate(item, loop, seen)
+                continue
             for n in item:
                 self.statement(n, loop, seen)
 
@@ -379,6 +382,18 @@ class Emitter:
                 past = self.plan.pads.get(a.node, (0, 0))[0]
                 name = self.name(a.node)
                 self.lines.append(f"        {name}_t = {name}[{at('t', past)}]")
+
+    def accumulate(self, acc: Accumulate, loop: Loop, seen: set) -> None:
+        """into = partial + W·x: the GEMM adds its product into the row the kernel before
+        filled with `partial` (cuBLAS with beta = 1; no kernel for the add)."""
+        g = self.g
+        for n in (acc.gemm, acc.into):
+            self.comment(n, "        ", seen)
+        texts = [self.operand(u, k, loop)[0] for u, k in operands(g, acc.gemm)]
+        out = self.row(acc.into, 0, loop)
+        self.lines.append(
+            "        " + OPS[g.nodes[acc.gemm]["op"]].accumulate.format(*texts, out=out)
+        )
 
     def read_later(self, n: int, k: Kernel, loop: Loop) -> bool:
         mine = set(k.nodes)
@@ -588,7 +603,10 @@ class Module:
             init = INIT_PARAMS_CUPY
             code = "\n".join(meta) + "\n\n\n" + init + "\n\n\n" + body + "\n"
             helpers = used_helpers(code, cupy=True)
-            return (f"{header}\n\nimport functools\n\nimport cupy as cp\nimport numpy as np\n\n\n"
+            imports = "import cupy as cp\nimport numpy as np\n"
+            if "cublas.gemm(" in code:
+                imports += "from cupy import cublas\n"
+            return (f"{header}\n\nimport functools\n\n{imports}\n\n"
                     f"{helpers}\n\n\n{self.cuda_section()}\n\n\n{code}")  # fmt: skip
         init = INIT_PARAMS
         code = "\n".join(meta) + "\n\n\n" + init + "\n\n\n" + body + "\n"

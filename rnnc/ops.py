@@ -59,6 +59,8 @@ class Op:
     slots: tuple[int, ...] = ()  # the precedence each operand's text needs (default 0)
     seq: str | None = None  # the template for a whole [T, B, ...] sequence, where it differs
     cuda: str | None = None  # one element in CUDA C (type `real`): ops with one fuse into kernels
+    # CuPy: a statement adding this op's value into {out} (a cuBLAS GEMM with beta = 1)
+    accumulate: str | None = None
     attrs: dict[str, Any] = field(default_factory=dict)  # keyword arguments and defaults
 
 
@@ -362,10 +364,11 @@ def concat_vjp(g, xs, axis):
 # ----- Linear algebra -----
 
 defop("matmul", 2, matvec, "{1} @ {0}.T", prec=3, slots=(9, 3), seq="linear({1}, {0})",
-      vjp=lambda g, y, w, x: [g.op("outer", x), w.op("matmul_t", g)])  # fmt: skip
+      vjp=lambda g, y, w, x: [g.op("outer", x), w.op("matmul_t", g)],
+      accumulate="cublas.gemm('N', 'T', {1}, {0}, out={out}, beta=1.0)")  # fmt: skip
 # matmul_t(W, g) = W^T g, and outer(g, x) = Σ over time and batch of g ⊗ x: only in gradients
 defop("matmul_t", 2, matvec_t, "{1} @ {0}", prec=3, slots=(9, 3), level=like_second, user=False,
-      seq="linear_t({1}, {0})")  # fmt: skip
+      seq="linear_t({1}, {0})", accumulate="cublas.gemm('N', 'N', {1}, {0}, out={out}, beta=1.0)")  # fmt: skip
 defop("outer", 2, outer_shape, "outer({0}, {1})", level=to_global, user=False)
 defop("reduce_to", 1, first_shape, "reduce_to({0}, {keep})", level=reduce_level, user=False)
 

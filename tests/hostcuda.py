@@ -199,6 +199,19 @@ class HostKernel:
         self.launches += 1
 
 
+def gemm(transa: str, transb: str, a, b, out=None, alpha=1.0, beta=0.0):
+    """cupy.cublas.gemm: out = alpha * op(a) @ op(b) + beta * out, in place."""
+    A, B = on_device(a), on_device(b)
+    assert A.ndim == B.ndim == 2 and A.dtype == B.dtype
+    product = alpha * ((A.T if transa == "T" else A) @ (B.T if transb == "T" else B))
+    if out is None:
+        return DeviceArray(product)
+    assert out.shape == product.shape and out.dtype == A.dtype
+    out.a *= beta
+    out.a += product
+    return out
+
+
 def device_function(name: str):
     """cupy.<name>: NumPy's function on device arrays only (names CuPy has, only)."""
     if name not in API["cupy"]:
@@ -235,7 +248,12 @@ def fake_cupy(ns: dict | None = None) -> types.ModuleType:
     cp.asarray = cp.array = to_device
     cp.asnumpy = lambda x: x.get() if isinstance(x, DeviceArray) else np.asarray(x)
     cp.get_array_module = lambda *xs: cp if any(isinstance(x, DeviceArray) for x in xs) else np
-    cp.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+    cp.cublas = types.SimpleNamespace(gemm=gemm)
+    cp.cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+        cublas=cp.cublas,  # what require_gpu probes: here, nothing to load
+        nvrtc=types.SimpleNamespace(getVersion=lambda: (0, 0)),
+    )
     cp.__getattr__ = device_function  # the rest of the API: NumPy's, on device arrays
     return cp
 

@@ -114,6 +114,19 @@ def test_loop_bodies_become_one_kernel_per_phase():
     assert "import cupy as cp" in src and "\nimport rnnc" not in src
 
 
+def test_gru_backward_adds_its_gemm_into_the_kernels_row():
+    """dh[t-1] = dh·z + Uᵀ·dgates: the kernel writes dh·z into dh[t-1]'s row and cuBLAS adds
+    the product there (beta = 1), so the step is one kernel and one GEMM, not two kernels."""
+    src = compile_spec(os.path.join(ROOT, "specs", "gru.rnn"), target="cupy", load=False).source
+    body = src[src.index("def loss_and_grads(") :]
+    back = body[body.index("for t in range(T_x - 1, -1, -1):") :].split("\n    del", 1)[0]
+    code = [line.strip() for line in back.splitlines()[1:] if not line.strip().startswith("#")]
+    assert sum(line.startswith("launch(") for line in code) == 1, code
+    gemm = [line for line in code if "cublas.gemm(" in line]
+    assert len(gemm) == 1 and "beta=1.0" in gemm[0] and " @ " not in "".join(code), code
+    assert "from cupy import cublas" in src
+
+
 def test_fusion_names_values_after_the_numpy_code_and_quotes_equations():
     m = compile_spec(os.path.join(ROOT, "bench", "specs", "gru_layer.rnn"), target="cupy",
                      load=False)  # fmt: skip
