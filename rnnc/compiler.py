@@ -161,8 +161,9 @@ def require_gpu() -> None:
                 f"the cupy target needs CUDA's {lib} library, which CuPy could not load "
                 f"({type(e).__name__}: {e})",
                 Span(),
-                hint="install the CUDA 12 toolkit, or `pip install nvidia-cublas-cu12 "
-                "nvidia-cuda-nvrtc-cu12` and add their lib folders to LD_LIBRARY_PATH",
+                hint="install the CUDA toolkit your CuPy wheel was built for (cupy-cuda12x: "
+                "CUDA 12), or `pip install nvidia-cublas-cu12 nvidia-cuda-nvrtc-cu12` and add "
+                "their lib folders to LD_LIBRARY_PATH",
                 code="E503",
             ) from None
 
