@@ -236,17 +236,28 @@ def cmd_bench(a) -> int:
     from .compiler import compile_spec
     from .gradcheck import random_batch
 
-    m = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model)
+    if a.target == "cupy":
+        from .compiler import require_gpu
+
+        require_gpu()
+    m = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model, target=a.target)
     params = m.init_params(a.seed, np.float32)
     inputs, targets, _ = random_batch(m, a.steps, a.batch, a.seed, np.float32)
+    # the data on the device before the clock starts, as a training loop would keep it
+    inputs = {k: m.xp.asarray(v) for k, v in inputs.items()}
+    targets = {k: m.xp.asarray(v) for k, v in targets.items()}
+    # GPU work is asynchronous: a time counts only once the device has finished
+    done = m.xp.cuda.Device().synchronize if a.target == "cupy" else lambda: None
     timings = {}
     for name, fn in (("forward", lambda: m.forward(params, inputs)),
                      ("forward+backward", lambda: m.loss_and_grads(params, inputs, targets))):  # fmt: skip
         fn()
+        done()
         ts = []
         for _ in range(a.repeat):
             t0 = time.perf_counter()
             fn()
+            done()
             ts.append(time.perf_counter() - t0)
         timings[name] = float(np.median(ts))
         print(
@@ -315,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=int, default=32)
     c.add_argument("--repeat", type=int, default=5)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--target", default="numpy", choices=["numpy", "cupy"],
+                   help="cupy times the fused GPU code (needs rnnc[cupy] and a GPU)")  # fmt: skip
     return p
 
 

@@ -251,6 +251,7 @@ def fake_cupy(ns: dict | None = None) -> types.ModuleType:
     cp.cublas = types.SimpleNamespace(gemm=gemm)
     cp.cuda = types.SimpleNamespace(
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+        Device=lambda *_: types.SimpleNamespace(synchronize=lambda: None),  # all ran already
         cublas=cp.cublas,  # what require_gpu probes: here, nothing to load
         nvrtc=types.SimpleNamespace(getVersion=lambda: (0, 0)),
     )

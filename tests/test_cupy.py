@@ -347,6 +347,19 @@ def test_run_target_cupy_writes_the_numpy_targets_outputs(tmp_path, stand_in_cup
         assert rel(outs["cupy"][k], v) < 1e-10, k
 
 
+@needs_gxx
+def test_bench_times_the_cupy_target(stand_in_cupy, capsys):
+    from rnnc.cli import main
+
+    spec = os.path.join(ROOT, "specs", "gru.rnn")
+    assert main(["bench", spec, "--target", "cupy", "--steps", "4", "--batch", "2",
+                 "--repeat", "2", "--dim", "H=8"]) == 0  # fmt: skip
+    rows = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert set(rows) == {"forward", "forward+backward"}
+    assert all(float(v.split()[0]) > 0 for v in rows.values())
+    assert stand_in_cupy.counts  # its kernels ran
+
+
 # ----- the command line -----
 
 
