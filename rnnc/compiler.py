@@ -135,7 +135,8 @@ def require_gpu() -> None:
         raise RnncError(
             "the cupy target needs CuPy, which is not installed",
             Span(),
-            hint="pip install 'rnnc[cupy]' (CuPy for CUDA 12), or use --target numpy; "
+            hint="pip install 'rnnc[cupy]' (CuPy for CUDA 12; for CUDA 13: pip install "
+            "cupy-cuda13x), or use --target numpy; "
             "`rnnc compile --target cupy` writes the code without it",
             code="E503",
         ) from None
