@@ -236,10 +236,7 @@ def cmd_bench(a) -> int:
     from .compiler import compile_spec
     from .gradcheck import random_batch
 
-    if a.target == "cupy":
-        from .compiler import require_gpu
-
-        require_gpu()
+    # the cupy target checks for CuPy and a GPU first, and says what is missing
     m = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model, target=a.target)
     params = m.init_params(a.seed, np.float32)
     inputs, targets, _ = random_batch(m, a.steps, a.batch, a.seed, np.float32)

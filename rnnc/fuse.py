@@ -47,12 +47,11 @@ class Kernel:
 
 @dataclass
 class Accumulate:
-    """`into = partial + gemm` without a kernel of its own: the kernel that makes `partial`
-    writes it into `into`'s row, then the GEMM adds its product there (cuBLAS, beta = 1)."""
+    """`into = partial + gemm` without a kernel of its own: the kernel that makes the partial
+    sum writes it into `into`'s row, then the GEMM adds its product there (cuBLAS, beta = 1)."""
 
     gemm: int
     into: int
-    partial: int
 
 
 def fusable(g: Graph, n: int) -> bool:
@@ -178,7 +177,7 @@ def accumulated(
             if arg.out and arg.node == a:
                 arg.node = n  # the kernel's result goes straight into n's row
         gemms.remove(m)
-        return [*out[:-2], *([gemms] if gemms else []), Accumulate(m, n, a)]
+        return [*out[:-2], *([gemms] if gemms else []), Accumulate(m, n)]
     return out
 
 
