@@ -147,9 +147,11 @@ def on_first(g, h):
     return out
 
 
-def on_first_T(v, T):
+def on_first_T(v, T, carried=False):
+    # v at step 0 only; a window that continues a sequence (a carry came in) has no step 0
     out = np.zeros((T, *v.shape), v.dtype)
-    out[0] = v
+    if not carried:
+        out[0] = v
     return out
 
 
@@ -244,6 +246,16 @@ def pad_time(a, past, future, fill, carried=None):
     return out
 
 
+def check_lengths(lengths, domains):
+    # every key of `lengths` names a time domain: a misspelt one would be silently ignored
+    unknown = sorted(set(lengths or ()) - set(domains))
+    if unknown:
+        raise KeyError(
+            f"lengths[{unknown[0]!r}]: no time domain of that name; this model's: "
+            + ", ".join(map(repr, domains)) + " (a domain is named after its first input)"
+        )
+
+
 def step_mask(lengths, name, T, B):
     # [T, B] bool: step t of sequence b is inside its length; None when all are full
     if lengths is None or name not in lengths:
@@ -254,12 +266,21 @@ def step_mask(lengths, name, T, B):
     return np.arange(T)[:, None] < L[None, :]
 
 
-def hold_last(h, M):
-    # past each sequence's end, repeat its last valid step: states stop updating
+def zero_padding(h, M):
+    # steps past each sequence's end are 0 (as torch's pad_packed_sequence gives them)
     if M is None:
         return h
-    idx = np.minimum(np.arange(h.shape[0])[:, None], M.sum(axis=0)[None, :] - 1)
-    return h[idx, np.arange(h.shape[1])[None, :]]
+    return h * M.reshape(M.shape + (1,) * (h.ndim - 2))
+
+
+def final_rows(h, past, T, M):
+    # the last `past` steps of each sequence (rows L .. L + past - 1 of h padded with `past`
+    # rows in front): the state a next window starts from, at each sequence's own length
+    if M is None:
+        return h[T : T + past]
+    L = M.sum(axis=0)
+    rows = L[None, :] + np.arange(past)[:, None]
+    return h[rows, np.arange(h.shape[1])[None, :]]
 
 
 def initialize(rng, shape, kind, args):

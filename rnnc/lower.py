@@ -473,6 +473,10 @@ class Module:
                 pro.append(f"    {v} = inputs.get({d['name']!r})")
                 pro.append(f"    {v} = np.zeros((B,) + {tuple(d['shape'])!r}, dt) if {v} is None "
                            f"else np.asarray({v}, dt)")  # fmt: skip
+        for n in leaves:  # an input read at other steps: rows of its initial value around it
+            if g.nodes[n]["op"] == "input" and plan.pads.get(n, (0, 0)) != (0, 0):
+                v = self.namer(n)
+                pro.append(f"    {v} = {em.padded(n, v)}")
         for M, V, k in sorted(em.masks):
             pro.append(f"    {V} = None if {M} is None else valid_shift({M}, {k})")
         args = {
@@ -516,6 +520,8 @@ class Module:
             )
             out.append(f"    B = {stat}.shape[0]" if stat else "    B = 1")
         table = g.graph["domains"]
+        named = tuple(sorted(d for d in table if table[d]["halves"] is None))
+        out.append(f"    check_lengths(lengths, {named!r})")
         for dom in sorted(table, key=lambda x: x.count("/")):
             ctx_names = context_names(dom)
             base = table[dom]["halves"]
@@ -540,7 +546,7 @@ class Module:
             d = g.nodes[n]
             if is_seq(d["level"]):
                 M = context_names(d["level"])[1]
-                return f"hold_last({em.seq_read(n, 0, None)}, {M})"
+                return f"zero_padding({em.seq_read(n, 0, None)}, {M})"
             return self.namer(n) if g.nodes[n]["op"] != "const" else repr(d["attrs"]["value"])
 
         carry = "{" + ", ".join(self.carries(plan)) + "}"
@@ -576,8 +582,8 @@ class Module:
         g, items = self.g, []
         for n, (past, _) in sorted(plan.pads.items()):
             if past and init_of(g, n) is not None and "adjoint_of" not in g.nodes[n]:
-                T = context_names(g.nodes[n]["level"])[0]
-                items.append(f"{g.nodes[n]['name']!r}: {self.namer(n)}[{T}:{T} + {past}]")
+                T, M = context_names(g.nodes[n]["level"])
+                items.append(f"{g.nodes[n]['name']!r}: final_rows({self.namer(n)}, {past}, {T}, {M})")
         return items
 
     def source(self) -> str:

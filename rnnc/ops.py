@@ -406,7 +406,7 @@ defop("on_last", 2, half_shape, "on_last({0}, {1}, {M})", level=like_second, kin
 defop("on_first", 2, half_shape, "on_first({0}, {1})", level=like_second, kind="collective",
       vjp=lambda g, y, v, h, dom: [g.op("first", dom=dom), None], user=False)  # fmt: skip
 # first(v) of a per-sequence v: v enters at step 0 only (image captioning)
-defop("impulse", 1, first_shape, "on_first_T({0}, {T})", level=at_dom, kind="collective",
+defop("impulse", 1, first_shape, "on_first_T({0}, {T}, {carried})", level=at_dom, kind="collective",
       vjp=lambda g, y, v, dom: [g.op("first", dom=dom)], user=False)  # fmt: skip
 defop("pairs", 1, pairs_shape, "pairs({0})", level=at_dom, kind="collective",
       vjp=lambda g, y, h, dom: [g.op("unpairs", h)])  # fmt: skip

@@ -512,6 +512,28 @@ def tiles(parts: list[tuple[int, int]], width: int) -> bool:
     return at == width
 
 
+def joins_safely(g: Graph, members: list[int], sources: list[int]) -> bool:
+    """May one new node read every `source` and feed every `member`? Not when it would close
+    a same-step cycle (an algebraic loop: a source computed from a member in the same step),
+    nor when the cycle it closes through delayed edges would join two recurrences, or pull a
+    value computed once into a recurrence (the forward and backward loops of one input)."""
+    same = nx.DiGraph(
+        (u, v) for u, v, e in g.edges(data=True) if e["delay"] == 0 and e["pos"] != "init"
+    )
+    same.add_nodes_from(members)
+    reach_same = set().union(*(nx.descendants(same, m) for m in members))
+    if reach_same & set(sources):
+        return False
+    down = set(members).union(*(nx.descendants(g, m) for m in members))
+    up = set(sources).union(*(nx.ancestors(g, s) for s in sources))
+    cycle = down & up
+    if not cycle:
+        return True
+    loops = in_loop(g)
+    ids = {loops.get(n) for n in cycle}
+    return len(ids) == 1 and None not in ids
+
+
 def fuse_bias(g: Graph) -> bool:
     """x[..., 0:H] + b1, x[..., H:2H] + b2, ... tiling x -> (x + concat(b1, b2, ...))[..., 0:H], ...:
     the per-gate bias adds of fused gates become one add over all gates."""
@@ -531,6 +553,8 @@ def fuse_bias(g: Graph) -> bool:
         levels = {g.nodes[b]["level"] for _, _, b, _ in adds}
         if len(adds) < 2 or len(levels) > 1 or not tiles([(a, z) for a, z, _, _ in adds],
                                                           g.nodes[x]["shape"][-1]):  # fmt: skip
+            continue
+        if not joins_safely(g, [n for *_, n in adds], [x, *(b for _, _, b, _ in adds)]):
             continue
         span = g.nodes[adds[0][3]]["span"]
         bias = add_op(g, "concat", [(b, 0) for _, _, b, _ in adds], span=span, axis=-1)
@@ -574,6 +598,8 @@ def add_slices(g: Graph) -> bool:
     changed = False
     for (x, y), adds in groups.items():
         for run in runs(sorted(adds)):
+            if not joins_safely(g, [n for *_, n in run], [x, y]):
+                continue
             lo, hi, span = run[0][0], run[-1][1], g.nodes[run[0][2]]["span"]
             xs, ys = (add_op(g, "slice", [(v, 0)], span=span, start=lo, stop=hi) for v in (x, y))
             total = add_op(g, "add", [(xs, 0), (ys, 0)], span=span)

@@ -12,7 +12,9 @@ from .ops import GLOBAL, OPS, STATIC, ShapeError, fmt_shape, rank
 class Domains:
     """Union-find over time domains: ops that combine sequences must share their steps."""
 
-    def __init__(self):
+    def __init__(self, names: list[str] | None = None):
+        # a domain is named after the first input (then target) declared in it
+        self.rank = {name: i for i, name in enumerate(names or [])}
         self.parent: dict[str, str] = {}
         self.halves: dict[str, str] = {}  # root -> the domain pairs() of it makes
         self.base: dict[str, str] = {}  # a halved domain -> what it halves
@@ -43,8 +45,14 @@ class Domains:
             # keep the root named after an input if one side is
             if ra.startswith("?") or (rb in self.base and ra not in self.base):
                 ra, rb = rb, ra
+            elif ra not in self.base and rb not in self.base and self.later(ra, rb):
+                ra, rb = rb, ra
             self.parent[rb] = ra
         return ra
+
+    def later(self, a: str, b: str) -> bool:
+        """a was declared after b (an unnamed domain counts as last)."""
+        return self.rank.get(a, len(self.rank)) > self.rank.get(b, len(self.rank))
 
     def new(self) -> str:
         self.fresh += 1
@@ -89,7 +97,7 @@ class ShapeSolver:
         self.g = g
         self.file = g.graph["file"]
         self.env: dict[str, int] = {}
-        self.dom = Domains()
+        self.dom = Domains([*g.graph["inputs"], *g.graph["targets"]])
         self.bind_dims(dims or {})
 
     def err(self, msg, span: Span, hint=None, code="E301"):
@@ -325,7 +333,7 @@ class ShapeSolver:
                 )  # fmt: skip
             if d["shape"] is None:
                 raise self.err(
-                    f"cannot infer the shape of {label(g, n)}",
+                    f"cannot infer the shape of '{describe(g, n) if d['span'].line else named(g, n)}'",
                     d["span"],
                     hint="declare the dimensions it depends on, or pass them as cell arguments",
                     code="E305",

@@ -93,7 +93,7 @@ def unroll(g: Graph, T: dict[str, int], masked: bool = False, carried: bool = Fa
         if op == "first":
             return "identity", {}, [copies[(ins[0][0], 0)]]
         if op == "impulse":
-            if t == 0:
+            if t == 0 and not carried:
                 return "identity", {}, [read(ins[0][0], None, 0)]
             return "zeros", {"shape": d["shape"]}, []
         if op == "pairs":
