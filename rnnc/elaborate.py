@@ -545,18 +545,20 @@ class Elaborator:
         )
 
     def fuse_softmax_losses(self) -> None:
-        """cross_entropy(softmax(z), y) -> ce_logits(z, y): stable, and its adjoint is p - onehot."""
+        """cross_entropy(softmax(z), y) -> ce_logits(z, y): stable, and its adjoint is p - onehot;
+        cross_entropy(sigmoid(z), y) -> ce_sigmoid(z, y) = softplus(-z[y]), likewise."""
         g = self.g
         for n in [n for n, d in g.nodes(data=True) if d["op"] == "ce_probs"]:
             (p, dp), (_y, _dy) = operands(g, n)
             src = p
             while g.nodes[src]["op"] == "identity" and dp == 0:
                 (src, dp), = operands(g, src)  # fmt: skip
-            if dp == 0 and g.nodes[src]["op"] in ("softmax", "log_softmax"):
+            fused = {"softmax": "ce_logits", "log_softmax": "ce_logits", "sigmoid": "ce_sigmoid"}
+            if dp == 0 and g.nodes[src]["op"] in fused:
                 (z, dz), = operands(g, src)  # fmt: skip
                 g.remove_edges_from([(p, n, k) for k in list(g[p][n])])
                 g.add_edge(z, n, pos=0, delay=dz)
-                g.nodes[n]["op"] = "ce_logits"
+                g.nodes[n]["op"] = fused[g.nodes[src]["op"]]
 
     def run(self) -> Graph:
         scope = self.model_scope()

@@ -9,8 +9,30 @@ import numpy as np
 
 
 def sigmoid(x):
-    # 0.5 * (1 + tanh(x / 2)) never overflows, unlike 1 / (1 + exp(-x))
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+    # e^x / (1 + e^x) for x < 0 and 1 / (1 + e^-x) otherwise: no overflow, and no underflow
+    # to 0 (0.5 * (1 + tanh(x / 2)) is exactly 0 below x = -17.3 in float32)
+    e = np.exp(-np.abs(x))
+    return np.where(x < 0, e, 1.0).astype(e.dtype) / (1.0 + e)
+
+
+def log_sigmoid(x):
+    # log σ(x) = -softplus(-x), exact for any x
+    return -np.logaddexp(0, -x)
+
+
+def ce_sigmoid(z, y):
+    # -log σ(z[y]): cross-entropy of a sigmoid read at the label, fused like softmax's
+    zy = np.take_along_axis(z, y[..., None], axis=-1)[..., 0]
+    return np.logaddexp(0, -zy)
+
+
+def ce_sigmoid_d(z, y):
+    # σ(z[y]) - 1 at the label, 0 elsewhere
+    d = np.zeros(z.shape, z.dtype)
+    flat = d.reshape(-1, z.shape[-1])
+    rows, cols = np.arange(flat.shape[0]), y.reshape(-1)
+    flat[rows, cols] = sigmoid(z.reshape(-1, z.shape[-1])[rows, cols]) - 1
+    return d
 
 
 def softmax(x):

@@ -53,6 +53,7 @@ class Op:
     domain: str = "real"  # where tests sample operands: real | positive | away0 | unit
     smooth: bool = True  # False: a kink (relu); gradient checks sample away from it
     int_out: bool = False  # the value is a class index, not a real vector
+    labels: bool = False  # operand 1 holds class labels (the fused cross-entropies)
     user: bool = True  # callable from a spec by its name
     sep: str = ", "  # between variadic operands in {args}
     prec: int = 9  # precedence of the rendered text (9: an atom or a call)
@@ -314,7 +315,10 @@ defop("hard_sigmoid_d", 1, same, "0.2 * (np.abs({0}) < 2.5)",
 # front by the generated module); constants are cast so float kernels stay in float.
 CUDA_PRELUDE = r"""
 #define R(x) ((real)(x))
-__device__ __forceinline__ real sigmoid_(real x) { return R(0.5) * tanh(R(0.5) * x) + R(0.5); }
+__device__ __forceinline__ real sigmoid_(real x) {  /* no overflow, no underflow to 0 */
+  real e = exp(-fabs(x));
+  return (x < R(0) ? e : R(1)) / (R(1) + e);
+}
 __device__ __forceinline__ real relu_(real x) { return x > R(0) ? x : (x != x ? x : R(0)); }
 __device__ __forceinline__ real softplus_(real x) {
   return (x > R(0) ? x : R(0)) + log1p(exp(-fabs(x)));  /* log(1 + e^x), no overflow */
@@ -374,12 +378,16 @@ defop("reduce_to", 1, first_shape, "reduce_to({0}, {keep})", level=reduce_level,
 
 # ----- Losses (each reduced to one number: sum or mean over time, mean over the batch) -----
 
-defop("ce_logits", 2, class_loss, "ce_logits({0}, {1})", user=False,
+defop("ce_logits", 2, class_loss, "ce_logits({0}, {1})", user=False, labels=True,
       vjp=lambda g, y, z, c: [g * z.op("ce_logits_d", c), None])  # fmt: skip
 defop("ce_logits_d", 2, grad_like, "ce_logits_d({0}, {1})", user=False)
-defop("ce_probs", 2, class_loss, "ce_probs({0}, {1})", user=False, domain="unit",
+defop("ce_probs", 2, class_loss, "ce_probs({0}, {1})", user=False, domain="unit", labels=True,
       vjp=lambda g, y, p, c: [g * p.op("ce_probs_d", c), None])  # fmt: skip
 defop("ce_probs_d", 2, grad_like, "ce_probs_d({0}, {1})", user=False)
+# cross_entropy(sigmoid(z), y) fused: -log σ(z[y]) = softplus(-z[y]), exact where σ underflows
+defop("ce_sigmoid", 2, class_loss, "ce_sigmoid({0}, {1})", user=False, labels=True,
+      vjp=lambda g, y, z, c: [g * z.op("ce_sigmoid_d", c), None])  # fmt: skip
+defop("ce_sigmoid_d", 2, grad_like, "ce_sigmoid_d({0}, {1})", user=False)
 defop("sqerr", 2, lambda a, b: same(a, b) and (), "((({0}) - ({1})) ** 2).mean(axis=-1)",
       vjp=lambda g, y, a, b: sqerr_vjp(g, a, b), user=False)  # fmt: skip
 defop("loss_reduce", 1, to_scalar, "loss_reduce({0}, {M}, {mode!r})", level=to_global,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import itertools
+import threading
 from importlib import resources
 
 from lark import Lark, Token, Transformer_NonRecursive, v_args
@@ -64,7 +66,11 @@ def word(terminal: str) -> str:
     return terminal.lower()
 
 
-_comments: list[Token] = []  # filled by the lexer callback during one parse
+_local = threading.local()  # per thread: the comments the lexer met in this thread's parse
+
+
+def _collect_comment(tok: Token) -> None:
+    _local.comments.append(tok)
 
 
 @functools.cache
@@ -76,7 +82,7 @@ def parser() -> Lark:
         parser="lalr",
         propagate_positions=True,
         maybe_placeholders=True,
-        lexer_callbacks={"COMMENT": _comments.append},
+        lexer_callbacks={"COMMENT": _collect_comment},
     )
 
 
@@ -318,19 +324,41 @@ def parse(text: str, file: str = "<spec>") -> S.Program:
         raise RnncError(
             f"spec is {len(text)} bytes; the limit is {MAX_SOURCE}", Span(file), code="E100"
         )
-    _comments.clear()
+    _local.comments = found = []
     try:
         tree = parser().parse(text)
     except UnexpectedInput as u:
         raise syntax_error(u, text, file) from None
-    comments = tuple((c.line, c.column, str(c).rstrip()) for c in _comments)
+    finally:
+        _local.comments = []
+    comments = tuple((c.line, c.column, str(c).rstrip()) for c in found)
     try:
         items = ToAst(file).transform(tree)
     except VisitError as e:
         raise e.orig_exc from None
     program = S.Program(items, file, text, comments)
     check_depth(program, file)
+    check_one_per_line(program, file)
     return program
+
+
+def check_one_per_line(program: S.Program, file: str) -> None:
+    """Refuse a statement that begins on the line where the one before it ends: it reads as a
+    continuation (`d = LSTM(x, H=H) init=final(e)` is two equations, the second unused)."""
+    for item in program.items:
+        for prev, stmt in itertools.pairwise(item.body):
+            if not (prev.span.end_line and stmt.span.line == prev.span.end_line):
+                continue
+            name = getattr(stmt, "name", "")
+            hint = "put each statement on its own line"
+            if isinstance(stmt, S.Equation) and name == "init":
+                hint = "an initial state goes inside the call: `d = LSTM(x, H=H, init=final(e))`"
+            raise RnncError(
+                "a new statement starts on the line where the previous one ends",
+                stmt.span,
+                hint=hint,
+                code="E106",
+            )
 
 
 def syntax_error(u: UnexpectedInput, text: str, file: str) -> RnncError:

@@ -375,7 +375,7 @@ class ShapeSolver:
                 )
         for u, k in ins:
             du = g.nodes[u]
-            if du["classes"] and d["op"] not in ("ce_logits", "ce_probs", "onehot"):
+            if du["classes"] and not OPS[d["op"]].labels and d["op"] != "onehot":
                 raise self.err(
                     f"'{label(g, u)}' holds class labels, not numbers",
                     d["span"],
@@ -389,7 +389,7 @@ class ShapeSolver:
                     hint="only values that change from step to step can be read at t-k",
                     code="E401",
                 )
-        if d["op"] in ("ce_logits", "ce_probs") and not g.nodes[ins[1][0]]["classes"]:
+        if OPS[d["op"]].labels and not g.nodes[ins[1][0]]["classes"]:
             raise self.err(
                 "cross_entropy needs class labels as its target",
                 d["span"],

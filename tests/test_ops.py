@@ -14,7 +14,7 @@ from rnnc.ops import GLOBAL, OPS, STATIC, operand_text, render
 SHAPES = {
     "matmul": [(3, 4), (4,)], "matmul_t": [(3, 4), (3,)], "outer": [(3,), (4,)],
     "concat": [(3,), (2,)], "slice": [(5,)], "slice_rows": [(5, 2)], "pad": [(2,)],
-    "ce_logits": [(4,), (4,)], "ce_probs": [(4,), (4,)], "sqerr": [(3,), (3,)],
+    "ce_logits": [(4,), (4,)], "ce_probs": [(4,), (4,)], "ce_sigmoid": [(4,), (4,)], "sqerr": [(3,), (3,)],
     "sum_f": [(3,)], "reduce_to": [(3,)], "loss_reduce": [()], "pairs": [(3,)], "first": [(3,)],
     "last": [(3,)], "impulse": [(3,)], "select_valid": [(3,), (3,)],
     "loss_step": [()], "on_first": [(3,), (3,)], "on_last": [(3,), (3,)],
@@ -63,7 +63,7 @@ def build(name):
     for i, (shape, lv) in enumerate(zip(shapes, levels, strict=True)):
         n = add_op(g, "input", (), f"a{i}", dom=lv)
         g.nodes[n]["shape"], g.nodes[n]["level"] = shape, lv
-        g.nodes[n]["classes"] = name in ("ce_logits", "ce_probs") and i == 1
+        g.nodes[n]["classes"] = op.labels and i == 1
         leaves.append(n)
     out = add_op(g, name, [(n, 0) for n in leaves], **ATTRS.get(name, {}))
     return g, leaves, out
@@ -132,7 +132,7 @@ def test_vjp_matches_central_differences(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["sigmoid", "softmax", "log_softmax", "ce_logits", "softplus", "tanh", "exp"]
+    "name", ["sigmoid", "softmax", "log_softmax", "ce_logits", "ce_sigmoid", "softplus", "tanh", "exp"]
 )
 def test_extreme_inputs_stay_finite(name):
     rng = np.random.default_rng(0)
@@ -144,7 +144,7 @@ def test_extreme_inputs_stay_finite(name):
             values[n] = (
                 v
                 if g.nodes[n]["classes"]
-                else v * (1e4 if name in ("softmax", "log_softmax", "ce_logits") else 1e3)
+                else v * (1e4 if name in ("softmax", "log_softmax", "ce_logits", "ce_sigmoid") else 1e3)
             )
         if name == "exp":
             values = {n: np.clip(v, -700, 700) for n, v in values.items()}
