@@ -209,6 +209,14 @@ def validate(g: Graph) -> None:
         assert op.arity is None or op.arity == len(ops_), f"node {n} ({d['op']}): arity {len(ops_)}"
         if d["shape"] is not None:
             assert isinstance(d["shape"], tuple), f"node {n}: shape {d['shape']!r}"
+    same = nx.DiGraph((u, v) for u, v, e in g.edges(data=True) if e["delay"] == 0)
+    assert nx.is_directed_acyclic_graph(same), "a same-step cycle (algebraic loop)"
+    where = {n: i for i, comp in enumerate(nx.strongly_connected_components(g)) for n in comp}
+    signs: dict[int, set[bool]] = {}
+    for u, v, e in g.edges(data=True):
+        if e["delay"] and where[u] == where[v]:
+            signs.setdefault(where[u], set()).add(e["delay"] > 0)
+    assert all(len(s) == 1 for s in signs.values()), "a recurrence reads past and future"
 
 
 def copy_graph(g: Graph) -> Graph:

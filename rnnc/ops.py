@@ -374,6 +374,9 @@ defop("matmul", 2, matvec, "{1} @ {0}.T", prec=3, slots=(9, 3), seq="linear({1},
 defop("matmul_t", 2, matvec_t, "{1} @ {0}", prec=3, slots=(9, 3), level=like_second, user=False,
       seq="linear_t({1}, {0})", accumulate="cublas.gemm('N', 'N', {1}, {0}, out={out}, beta=1.0)")  # fmt: skip
 defop("outer", 2, outer_shape, "outer({0}, {1})", level=to_global, user=False)
+# a model-wide value (a param h0) as one value per sequence: a learned initial state
+defop("batch", 1, first_shape, "np.broadcast_to({0}, ({B},) + {0}.shape)", level=to_static,
+      user=False, vjp=lambda g, y, x: [g.op("reduce_to", keep=len(x.shape), level=GLOBAL)])  # fmt: skip
 defop("reduce_to", 1, first_shape, "reduce_to({0}, {keep})", level=reduce_level, user=False)
 
 # ----- Losses (each reduced to one number: sum or mean over time, mean over the batch) -----

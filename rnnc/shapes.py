@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from . import syntax as S
 from .errors import RnncError, Span, UsageError
-from .graph import Graph, init_of, is_seq, label, operands, order
+from .graph import Graph, add_node, init_of, is_seq, label, operands, order, set_init
 from .ops import GLOBAL, OPS, STATIC, ShapeError, fmt_shape, rank
 
 
@@ -349,6 +349,13 @@ class ShapeSolver:
                 d["attrs"]["dom"] = d["level"]
             if d["op"] == "onehot":
                 d["attrs"]["n"] = d["shape"][-1]
+        for n in list(g.nodes):
+            init = init_of(g, n)
+            if init is not None and g.nodes[init]["level"] == GLOBAL and is_seq(g.nodes[n]["level"]):
+                # a param as the initial state (init=h0): the same start for every sequence
+                b = add_node(g, "batch", [(init, 0)], None, g.nodes[init]["span"])
+                g.nodes[b].update(shape=g.nodes[init]["shape"], level=STATIC)
+                set_init(g, n, b)
         for n in g.nodes:
             self.check_node(n)
         g.graph["domains"] = self.domain_table()

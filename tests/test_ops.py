@@ -34,6 +34,7 @@ MASK = np.array([[True, True, True], [True, True, True], [True, False, True], [T
 LEVELS = {  # operand levels, where not one step of a sequence (STATIC)
     "matmul": [GLOBAL, STATIC], "matmul_t": [GLOBAL, STATIC], "last": ["x"], "first": ["x"],
     "pairs": ["x"], "loss_reduce": ["x"], "on_first": [STATIC, "x"], "on_last": [STATIC, "x"],
+    "batch": [GLOBAL],
 }  # fmt: skip
 DIFFERENTIABLE = sorted(n for n, op in OPS.items() if op.vjp is not None and op.kind != "leaf")
 T, B = 4, 3
