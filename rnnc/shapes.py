@@ -43,9 +43,9 @@ class Domains:
             raise ShapeError("combines a sequence with pairs() of itself: their lengths differ")
         if ra != rb:
             # keep the root named after an input if one side is
-            if ra.startswith("?") or (rb in self.base and ra not in self.base):
-                ra, rb = rb, ra
-            elif ra not in self.base and rb not in self.base and self.later(ra, rb):
+            halved_wins = rb in self.base and ra not in self.base
+            named_first = ra not in self.base and rb not in self.base and self.later(ra, rb)
+            if ra.startswith("?") or halved_wins or named_first:
                 ra, rb = rb, ra
             self.parent[rb] = ra
         return ra

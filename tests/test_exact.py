@@ -49,7 +49,7 @@ def three_way(text: str, T: int = 5, B: int = 3, lengths: bool = False, seed: in
 
 
 def test_input_read_one_step_back_matches_a_hand_loop():
-    m, params, inputs, targets, _, _ = three_way(HEAD % "s = tanh(U @ x[t-1])\n  loss = mse(s, y)")
+    m, params, inputs, _, _, _ = three_way(HEAD % "s = tanh(U @ x[t-1])\n  loss = mse(s, y)")
     x, U = inputs["x"], params["U"]
     want = np.tanh(np.concatenate([np.zeros_like(x[:1]), x[:-1]]) @ U.T)  # x before t=0 is 0
     assert rel(m.forward(params, inputs)["s"], want) < 1e-14
@@ -71,7 +71,7 @@ def test_input_read_at_two_delays_inside_a_recurrence():
 def test_input_read_ahead_and_carried_between_windows():
     text = HEAD % "s = tanh(W @ s[t-1] + U @ x[t-2])\n  loss = mse(s, y)"
     m = compile_spec(text)
-    _, params, inputs, targets, _ = random_data(m.graph, 6, 2, seed=1)
+    _, params, inputs, _, _ = random_data(m.graph, 6, 2, seed=1)
     whole = m.forward(params, inputs)["s"]
     a, carry = m.forward(params, {"x": inputs["x"][:3]}, return_carry=True)
     b = m.forward(params, {"x": inputs["x"][3:]}, carry=carry)
@@ -158,11 +158,11 @@ def test_first_static_enters_only_at_the_sequence_start_across_windows():
 def test_return_carry_is_each_sequence_state_at_its_length(spec):
     path = os.path.join(SPECS, spec + ".rnn")
     m = compile_spec(path, dims={k: v for k, v in {"V": 5, "H": 4}.items()})
-    _, params, inputs, targets, _ = random_data(m.graph, 7, 3, seed=4)
+    _, params, inputs, _, _ = random_data(m.graph, 7, 3, seed=4)
     L = {"x": np.array([7, 3, 5])}
     _, carry = m.forward(params, inputs, lengths=L, return_carry=True)
     for b, n in enumerate(L["x"]):
-        alone, c1 = m.forward(params, {k: v[:n, b : b + 1] for k, v in inputs.items()},
+        _, c1 = m.forward(params, {k: v[:n, b : b + 1] for k, v in inputs.items()},
                               return_carry=True)  # fmt: skip
         for key in carry:
             assert rel(carry[key][:, b], c1[key][:, 0]) < 1e-14, (key, b)
@@ -190,7 +190,7 @@ def test_domain_is_named_after_the_first_declared_input():
 def test_unknown_lengths_key_is_refused_with_the_domains_that_exist():
     m = compile_spec(TWO_INPUTS)
     _, params, inputs, targets, _ = random_data(m.graph, 5, 2, seed=0)
-    with pytest.raises(KeyError, match="'b'.*'a'"):
+    with pytest.raises(KeyError, match=r"'b'.*'a'"):
         m.loss(params, inputs, targets, lengths={"b": np.array([2, 5])})
     short = m.loss(params, inputs, targets, lengths={"a": np.array([2, 5])})["loss"]
     full = m.loss(params, inputs, targets)["loss"]
