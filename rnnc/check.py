@@ -22,10 +22,14 @@ def short(g: Graph, n: int) -> str:
 
 def algebraic_loops(g: Graph) -> None:
     """A cycle whose delays sum to 0 asks for a value before it exists."""
-    try:
-        cycle = nx.find_cycle(same_step(g))
-    except nx.NetworkXNoCycle:
+    same = same_step(g)
+    # find_cycle over the whole graph restarts from every node (superlinear); a cycle lies
+    # inside one strongly connected component, so search only a component that has one
+    knot = next((c for c in nx.strongly_connected_components(same)
+                 if len(c) > 1 or same.has_edge(next(iter(c)), next(iter(c)))), None)  # fmt: skip
+    if knot is None:
         return
+    cycle = nx.find_cycle(same.subgraph(knot))
     nodes = [u for u, _ in cycle]
     named = [n for n in nodes if g.nodes[n]["name"]] or nodes
     text = " -> ".join(short(g, n) for n in named + named[:1])

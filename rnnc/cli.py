@@ -63,6 +63,8 @@ def cmd_check(a) -> int:
 
     text, file = read_spec(a.spec)
     _program, g = front(text, file, parse_dims(a.dim), a.model)
+    if g.graph.get("loss") is not None:
+        require_loss(g)  # before "ok" is printed
     for w in g.graph["warnings"]:
         print(render(w, text, "warning"), file=sys.stderr)
     print(f"model {g.graph['model']} ({file}): ok")
@@ -98,8 +100,6 @@ def cmd_check(a) -> int:
     print(f"  states: {', '.join(states) or 'none'}")
     if g.graph.get("loss") is None:
         print("  no loss: forward only (add `loss = ...` to train)")
-    else:
-        require_loss(g)
     return 0
 
 

@@ -29,9 +29,12 @@ def parse_dims(items: Sequence[str] | None) -> dict[str, int]:
     out = {}
     for item in items or ():
         name, eq, value = item.partition("=")
-        if not eq or not name.isidentifier() or not value.strip().isdigit() or int(value) <= 0:
+        value = value.strip()
+        if not eq or not name.isidentifier() or not value.isdigit() or len(value) > 9 \
+                or int(value) <= 0:  # fmt: skip
             raise UsageError(
-                f"--dim {item}: write NAME=N with N a positive whole number", code="E501"
+                f"--dim {item[:40]}: write NAME=N with N a whole number from 1 to 999,999,999",
+                code="E501",
             )
         out[name] = int(value)
     return out

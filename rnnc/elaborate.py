@@ -62,6 +62,7 @@ class Elaborator:
         self.instances: dict[str, Instance] = {}
         self.used_prefixes: set[str] = set()
         self.prefix = ""  # the cell instance being elaborated (pictures draw it as a cluster)
+        self.calling: list[str] = []  # the cells being instantiated, outermost first
 
     # ----- nodes -----
     def mk(self, op: str, args: list[Ref], span: Span, name=None, **attrs) -> int:
@@ -151,7 +152,10 @@ class Elaborator:
         return n
 
     def check_init(self, init: S.Init | None) -> None:
-        if init is None or init.kind in INITS:
+        if init is None:
+            return
+        if init.kind in INITS:
+            self.check_init_args(init)
             return
         close = difflib.get_close_matches(init.kind, INITS, 1)
         raise self.error(
@@ -160,6 +164,25 @@ class Elaborator:
             hint=f"did you mean '{close[0]}'?" if close else "one of: " + ", ".join(INITS),
             code="E205",
         )
+
+    def check_init_args(self, init: S.Init) -> None:
+        """The arguments each initializer takes, and the values that make sense."""
+        k, a = init.kind, init.args
+        usage = {"constant": "constant(0.5) or = 0.5", "uniform": "uniform(-0.1, 0.1)",
+                 "normal": "normal(0, 0.01)"}.get(k, k)  # fmt: skip
+        counts = {"constant": (1,), "uniform": (0, 1, 2), "normal": (0, 1, 2)}.get(k, (0,))
+        problem = None
+        if len(a) not in counts:
+            want = " or ".join(map(str, counts))
+            problem = f"'{k}' takes {want} argument{'s' * (counts != (1,))}, got {len(a)}"
+        elif k == "uniform" and len(a) == 2 and not a[0] < a[1]:
+            problem = f"uniform({a[0]:g}, {a[1]:g}): the low end must be below the high end"
+        elif k == "uniform" and len(a) == 1 and not a[0] > 0:
+            problem = f"uniform({a[0]:g}): the half-width must be above 0"
+        elif k == "normal" and len(a) >= 1 and a[-1] < 0:
+            problem = f"normal(...): the standard deviation {a[-1]:g} is negative"
+        if problem:
+            raise self.error(problem, init.span, hint=f"write {usage}", code="E205")
 
     def qdim(self, d: S.DimExpr, scope: Scope) -> S.DimExpr:
         match d:
@@ -358,6 +381,18 @@ class Elaborator:
     # ----- cells -----
     def instantiate(self, e: S.Call, scope: Scope, eq_name: str) -> Ref:
         cell = self.cells[e.fn]
+        if cell.name in self.calling:
+            path = " -> ".join([*self.calling[self.calling.index(cell.name):], cell.name])
+            raise self.error(f"cell {cell.name} calls itself ({path})", e.span,
+                             hint="a cell's recurrence is written with h[t-1], not by calling "
+                             "the cell again", code="E217")  # fmt: skip
+        self.calling.append(cell.name)
+        try:
+            return self.instantiate_cell(cell, e, scope, eq_name)
+        finally:
+            self.calling.pop()
+
+    def instantiate_cell(self, cell: S.Cell, e: S.Call, scope: Scope, eq_name: str) -> Ref:
         if len(e.args) != len(cell.inputs):
             raise self.error(
                 f"cell {cell.name} takes {len(cell.inputs)} input(s), got {len(e.args)}",

@@ -63,14 +63,36 @@ def render(err: RnncError, source: str | None = None, kind: str = "error") -> st
     lines = [f"{span}: {kind}[{err.code}]: {err.message}"]
     text = source.splitlines() if source is not None else []
     if 0 < span.line <= len(text):
-        src = text[span.line - 1].expandtabs(1)
+        src = printable(text[span.line - 1].expandtabs(1))
         gutter = f"{span.line:>4} | "
-        lines.append(gutter + src)
         end = (
             span.end_col if span.end_line == span.line and span.end_col > span.col else span.col + 1
         )
         end = min(max(end, span.col + 1), max(len(src) + 2, span.col + 1))
-        lines.append(" " * (len(gutter) - 2) + "| " + " " * (span.col - 1) + "^" * (end - span.col))
+        src, col, end = window(src, span.col, end)
+        lines.append(gutter + src)
+        lines.append(" " * (len(gutter) - 2) + "| " + " " * (col - 1) + "^" * (end - col))
     if err.hint:
         lines.append(f"  hint: {err.hint}")
     return "\n".join(lines)
+
+
+WIDTH = 100  # characters of a source line shown around the error
+
+
+def printable(line: str) -> str:
+    """The line with each control character shown as '?' (columns stay where they were)."""
+    return "".join("?" if (ord(c) < 32 or ord(c) == 127) else c for c in line)
+
+
+def window(src: str, col: int, end: int) -> tuple[str, int, int]:
+    """At most WIDTH characters of a long line around columns col..end, marked with '...'."""
+    if len(src) <= WIDTH:
+        return src, col, end
+    end = min(end, col + WIDTH // 2)  # a caret run longer than half the window is cut
+    start = max(0, min(col - 1 - WIDTH // 4, len(src) - WIDTH))
+    part = src[start : start + WIDTH]
+    lead = "..." if start > 0 else ""
+    tail = "..." if start + WIDTH < len(src) else ""
+    shift = len(lead) - start
+    return lead + part + tail, col + shift, end + shift

@@ -16,12 +16,13 @@ from typing import Any
 
 from . import kernels
 from .fuse import Accumulate, Kernel, loop_kernels, needs_mask
-from .graph import Graph, init_of, is_seq, operands
+from .graph import Graph, init_of, is_seq, operands, order
 from .interpret import context
 from .ops import CUDA_PRELUDE, OPS, operand_text, render, slot_prec_of, slot_uses
 from .schedule import Loop, Once, Plan
 
 MAX_NAME = 24
+MAX_INLINE = 40  # operators folded into one statement
 
 
 class Namer:
@@ -112,7 +113,19 @@ class Emitter:
             if slot_uses(OPS[g.nodes[consumer]["op"]], e["pos"]) != 1:
                 continue
             out.add(n)
-        return out
+        return self.short_chains(out)
+
+    def short_chains(self, inline: set[int]) -> set[int]:
+        """Break chains of inlined nodes every MAX_INLINE levels into statements: the
+        emitter recurses once per level, and a long line reads worse than a few."""
+        depth: dict[int, int] = {}
+        for n in order(self.g):
+            below = [depth.get(u, 0) for u, _ in operands(self.g, n) if u in inline]
+            depth[n] = 1 + max(below, default=0)
+            if n in inline and depth[n] > MAX_INLINE:
+                inline.discard(n)
+                depth[n] = 0
+        return inline
 
     def in_kernel(self, n: int) -> bool:
         return any(n in k.nodes for k in self.kernels)

@@ -147,6 +147,11 @@ def concat_shape(*shapes: Shape | None, axis: int = -1) -> Shape | None:
     ranks = {len(s) for s in shapes}  # type: ignore[arg-type]
     if ranks != {1} and ranks != {2}:
         raise ShapeError("concat joins vectors: " + ", ".join(fmt_shape(s) for s in shapes))
+    (r,) = ranks
+    if axis != int(axis) or not -r <= axis < r:
+        raise ShapeError(f"concat of {'vectors' if r == 1 else 'matrices'} has no axis {axis:g}"
+                         f" (axis=-1 joins features)")  # fmt: skip
+    axis = int(axis)
     first = list(shapes[0])  # type: ignore[arg-type]
     for s in shapes[1:]:
         for i, (a, b) in enumerate(zip(first, s, strict=True)):  # type: ignore[arg-type]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
+import re
 import threading
 from importlib import resources
 
@@ -16,6 +18,10 @@ from .errors import RnncError, Span
 MAX_SOURCE = 1_000_000  # bytes; a spec is a page of equations
 MAX_NAME = 64
 MAX_DEPTH = 200  # expression nesting; deeper ones overflow recursive passes and CPython
+MAX_TERMS = 500  # operands of one chain a + b + c + ... (a chain counts as one level)
+MAX_INT = 10**9  # a whole number in a spec (dims, delays, stack(n)); larger is a typo
+MAX_DELAY = 1000  # h[t-k]: k rows of state are kept per sequence
+MAX_STACK = 64  # stack(n) layers
 
 # Terminal names lark shows in `expected` sets, in words.
 WORDS = {
@@ -195,11 +201,25 @@ class ToAst(Transformer_NonRecursive):
         name, *args = ch
         return S.Init(str(name), tuple(args), self._s(meta))
 
+    def _float(self, tok: Token) -> float:
+        v = float(tok)
+        if not math.isfinite(v):
+            raise RnncError(f"the number {tok} is too large for float64", span_of(self.file, tok),
+                            hint="numbers in a spec are at most about 1.8e308", code="E109")  # fmt: skip
+        return v
+
+    def _int(self, tok: Token, limit: int = MAX_INT, what: str = "a whole number here") -> int:
+        if len(tok) > len(str(limit)) or int(tok) > limit:
+            raise RnncError(f"{tok if len(tok) < 20 else tok[:16] + '...'} is too large: "
+                            f"{what} is at most {limit:,}", span_of(self.file, tok),
+                            code="E109")  # fmt: skip
+        return int(tok)
+
     def signed(self, meta, ch):
-        return float(ch[0])
+        return self._float(ch[0])
 
     def negative(self, meta, ch):
-        return -float(ch[0])
+        return -self._float(ch[0])
 
     def equation(self, meta, ch):
         name, expr = ch
@@ -211,7 +231,7 @@ class ToAst(Transformer_NonRecursive):
 
     # ----- dimension expressions -----
     def dim_num(self, meta, ch):
-        return S.DNum(int(ch[0]), self._s(meta))
+        return S.DNum(self._int(ch[0]), self._s(meta))
 
     def dim_name(self, meta, ch):
         return S.DName(self._name(ch[0]), self._s(meta))
@@ -227,7 +247,7 @@ class ToAst(Transformer_NonRecursive):
 
     # ----- expressions -----
     def number(self, meta, ch):
-        return S.Num(float(ch[0]), self._s(meta))
+        return S.Num(self._float(ch[0]), self._s(meta))
 
     def name(self, meta, ch):
         return S.Name(self._name(ch[0]), self._s(meta))
@@ -261,6 +281,10 @@ class ToAst(Transformer_NonRecursive):
                 hint="give the expression a name first: `a = ...`, then use a[t-1]",
                 code="E107",
             )
+        if abs(delay) > MAX_DELAY:
+            raise RnncError(f"a delay of {abs(delay):,} steps; the limit is {MAX_DELAY}",
+                            index.span, hint="every state keeps k rows per sequence for t-k",
+                            code="E109")  # fmt: skip
         return S.TimeRef(base.name, delay, span)
 
     def slice(self, meta, ch):
@@ -303,7 +327,8 @@ class ToAst(Transformer_NonRecursive):
         return S.Modifier("reverse", None, self._s(meta))
 
     def stack(self, meta, ch):
-        return S.Modifier("stack", int(ch[0]), self._s(meta))
+        n = self._int(ch[0], MAX_STACK, "the number of stacked layers")
+        return S.Modifier("stack", n, self._s(meta))
 
 
 def time_offset(index: S.DimExpr) -> int | None:
@@ -324,6 +349,8 @@ def parse(text: str, file: str = "<spec>") -> S.Program:
         raise RnncError(
             f"spec is {len(text)} bytes; the limit is {MAX_SOURCE}", Span(file), code="E100"
         )
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark, as some editors write
+    check_characters(text, file)
     _local.comments = found = []
     try:
         tree = parser().parse(text)
@@ -359,6 +386,22 @@ def check_one_per_line(program: S.Program, file: str) -> None:
                 hint=hint,
                 code="E106",
             )
+
+
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def check_characters(text: str, file: str) -> None:
+    """Refuse control characters (a NUL byte would end up in the generated module)."""
+    m = CONTROL.search(text)
+    if m is None:
+        return
+    line = text.count("\n", 0, m.start()) + 1
+    col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+    raise RnncError(f"control character U+{ord(m.group()):04X} in the spec",
+                    Span(file, line, col, line, col + 1),
+                    hint="a spec is plain text: remove it (was the file saved as text?)",
+                    code="E101")  # fmt: skip
 
 
 def syntax_error(u: UnexpectedInput, text: str, file: str) -> RnncError:
@@ -430,23 +473,77 @@ def end_position(text: str) -> tuple[int, int]:
     return line, col
 
 
+GROUPS = {"+": 1, "-": 1, "*": 2, "/": 2, "@": 3}  # operators that chain left to right
+
+
 def check_depth(program: S.Program, file: str) -> None:
-    """Refuse expressions nested deeper than MAX_DEPTH (iterative walk: no recursion here)."""
+    """Refuse expressions nested deeper than MAX_DEPTH, chains (a + b + c ...) longer than
+    MAX_TERMS, and dimension expressions nested deeper than MAX_DEPTH (iterative walks: no
+    recursion here). A chain counts as one level: a flat sum is not nesting."""
     for item in program.items:
+        dims: list[S.DimExpr] = []
+        if isinstance(item, S.Cell):
+            dims += [d for p in (*item.inputs, item.output) for d in p.dims]
         for stmt in item.body:
-            if not isinstance(stmt, S.Equation):
-                continue
-            stack = [(stmt.expr, 1)]
-            while stack:
-                e, d = stack.pop()
-                if d > MAX_DEPTH:
-                    raise RnncError(
-                        f"expression nested more than {MAX_DEPTH} levels deep",
-                        getattr(e, "span", stmt.span),
-                        hint="split it into several named equations",
-                        code="E104",
-                    )
-                stack.extend((c, d + 1) for c in children(e))
+            dims += statement_dims(stmt)
+            if isinstance(stmt, S.Equation):
+                dims += check_expr(stmt)
+        for d in dims:
+            check_dim_depth(d, file)
+
+
+def statement_dims(stmt) -> list[S.DimExpr]:
+    match stmt:
+        case S.DimDecl(items):
+            return [it.default for it in items if it.default is not None]
+        case S.InputDecl(_, dims):
+            return list(dims)
+        case S.TargetDecl(_, dims, _, classes):
+            return [*(dims or ()), *([classes] if classes is not None else [])]
+        case S.ParamDecl(items):
+            return [d for it in items for d in it.dims]
+    return []
+
+
+def check_expr(stmt: S.Equation) -> list[S.DimExpr]:
+    """Check one equation's nesting; return the dimension expressions of its slices."""
+    dims: list[S.DimExpr] = []
+    stack = [(stmt.expr, 1, 1)]  # (expression, nesting level, terms so far in its chain)
+    while stack:
+        e, d, terms = stack.pop()
+        span = getattr(e, "span", stmt.span)
+        if d > MAX_DEPTH:
+            raise RnncError(f"expression nested more than {MAX_DEPTH} levels deep", span,
+                            hint="split it into several named equations", code="E104")  # fmt: skip
+        if isinstance(e, S.BinOp) and terms + 1 > MAX_TERMS:  # a chain of n ops has n + 1 terms
+            raise RnncError(f"a chain of more than {MAX_TERMS} terms", span,
+                            hint="sum the terms in parts: `a = ...`, `b = ...`, then `a + b`",
+                            code="E104")  # fmt: skip
+        if isinstance(e, S.BinOp):
+            same = isinstance(e.lhs, S.BinOp) and GROUPS[e.lhs.op] == GROUPS[e.op]
+            stack.append((e.lhs, d, terms + 1) if same else (e.lhs, d + 1, 1))
+            stack.append((e.rhs, d + 1, 1))
+            continue
+        if isinstance(e, S.Slice):
+            dims += [x for x in (e.start, e.stop) if x is not None]
+        stack.extend((c, d + 1, 1) for c in children(e))
+    return dims
+
+
+def check_dim_depth(dim: S.DimExpr, file: str) -> None:
+    stack = [(dim, 1, 1)]
+    while stack:
+        x, d, terms = stack.pop()
+        if d > MAX_DEPTH:
+            raise RnncError(f"dimension expression nested more than {MAX_DEPTH} levels deep",
+                            x.span, code="E104")  # fmt: skip
+        if isinstance(x, S.DBin) and terms + 1 > MAX_TERMS:
+            raise RnncError(f"a dimension expression of more than {MAX_TERMS} terms", x.span,
+                            code="E104")  # fmt: skip
+        if isinstance(x, S.DBin):
+            same = isinstance(x.lhs, S.DBin) and GROUPS[x.lhs.op] == GROUPS[x.op]
+            stack.append((x.lhs, d, terms + 1) if same else (x.lhs, d + 1, 1))
+            stack.append((x.rhs, d + 1, 1))
 
 
 def children(e: S.Expr) -> tuple[S.Expr, ...]:

@@ -3,10 +3,15 @@ time domains unified; a mismatch is a located error naming both sides."""
 
 from __future__ import annotations
 
+import math
+
 from . import syntax as S
 from .errors import RnncError, Span, UsageError
 from .graph import Graph, add_node, init_of, is_seq, label, operands, order, set_init
 from .ops import GLOBAL, OPS, STATIC, ShapeError, fmt_shape, rank
+
+MAX_DIM = 10**7  # one dimension
+MAX_PARAM = 2**31  # entries of one parameter (8 GiB in float32)
 
 
 class Domains:
@@ -130,6 +135,9 @@ class ShapeSolver:
                 )
             if self.env[name] <= 0:
                 raise self.err(f"dimension '{name}' is {self.env[name]}; it must be > 0", span)
+            if self.env[name] > MAX_DIM:
+                raise self.err(f"dimension '{name}' is {self.env[name]:,}; the limit is "
+                               f"{MAX_DIM:,}", span, code="E303")  # fmt: skip
         self.constraints()
 
     def constraints(self) -> bool:
@@ -142,8 +150,10 @@ class ShapeSolver:
         return changed
 
     def bind(self, sym: str, v: int, span: Span, why: str) -> bool:
-        if v <= 0:
-            raise self.err(f"dimension {dim_text(S.DName(sym))} would be {v}", span, code="E303")
+        if v <= 0 or v > MAX_DIM:
+            raise self.err(f"dimension {dim_text(S.DName(sym))} would be {v:,}", span,
+                           hint=f"a dimension is a whole number from 1 to {MAX_DIM:,}",
+                           code="E303")  # fmt: skip
         old = self.env.get(sym)
         if old is None:
             self.env[sym] = v
@@ -349,6 +359,12 @@ class ShapeSolver:
                 d["attrs"]["dom"] = d["level"]
             if d["op"] == "onehot":
                 d["attrs"]["n"] = d["shape"][-1]
+        for name, n in g.graph["params"].items():
+            size = math.prod(g.nodes[n]["shape"])
+            if size > MAX_PARAM:
+                raise self.err(f"param {name} {fmt_shape(g.nodes[n]['shape'])} has {size:,} "
+                               f"entries; the limit is {MAX_PARAM:,}", g.nodes[n]["span"],
+                               hint="smaller dimensions (--dim)", code="E303")  # fmt: skip
         for n in list(g.nodes):
             init = init_of(g, n)
             if init is not None and g.nodes[init]["level"] == GLOBAL and is_seq(g.nodes[n]["level"]):
@@ -408,14 +424,14 @@ class ShapeSolver:
             di = g.nodes[init]
             if di["shape"] != d["shape"]:
                 raise self.err(
-                    f"the initial value of '{label(g, n)}' is {fmt_shape(di['shape'])}, "
-                    f"the state is {fmt_shape(d['shape'])}",
+                    f"the initial value of '{named(g, n)}' is {value_text(di)}; the state is "
+                    f"{value_text(d)}",
                     di["span"],
                     code="E402",
                 )
             if rank(di["level"]) > rank(STATIC):
                 raise self.err(
-                    f"the initial value of '{label(g, n)}' is a sequence",
+                    f"the initial value of '{named(g, n)}' is a sequence",
                     di["span"],
                     hint="use final(e) or last(e) to start from one value per sequence",
                     code="E402",
@@ -458,7 +474,16 @@ def describe(g: Graph, n: int) -> str:
     lines = src.splitlines()
     if sp.line and sp.line == sp.end_line and sp.line <= len(lines):
         return lines[sp.line - 1][sp.col - 1 : sp.end_col - 1]
-    return d["op"]
+    return named(g, n)  # never an internal op's name
+
+
+def value_text(d: dict) -> str:
+    """A value's shape and how often it changes, in words: 'one number per sequence'."""
+    shape = "one number" if d["shape"] == () else f"a {fmt_shape(d['shape'])} vector"
+    if len(d["shape"] or ()) == 2:
+        shape = f"a {fmt_shape(d['shape'])} matrix"
+    per = {GLOBAL: "for the whole model", STATIC: "per sequence"}.get(d["level"], "per step")
+    return f"{shape} {per}"
 
 
 def infer_shapes(g: Graph, dims: dict[str, int] | None = None) -> Graph:

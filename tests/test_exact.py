@@ -359,3 +359,72 @@ def test_init_after_the_call_is_a_located_error():
     e = info.value
     assert e.code == "E106" and (e.span.line, e.span.col) == (10, 19)
     assert "inside the call" in e.hint
+
+
+# ----- 14, 15: hostile sizes and messages -----
+
+
+def check_error(text: str) -> RnncError:
+    from rnnc.compiler import front
+
+    with pytest.raises(RnncError) as info:
+        front(text, "case.rnn")
+    return info.value
+
+
+def test_a_5000_digit_dim_and_a_10000_term_dim_are_located_errors():
+    head = "model m {\n  dim I = 3, H = %s\n  input x[I] : sequence\n}\n"
+    e = check_error(head % ("9" * 5000))
+    assert (e.span.line, e.span.col, e.code) == (2, 18, "E109")
+    e = check_error(head % "+".join(["1"] * 10_000))
+    assert e.code == "E104" and "more than 500 terms" in e.message
+
+
+def test_a_flat_sum_of_500_terms_compiles_and_is_right():
+    text = ("model m {\n  dim I = 3\n  input x[I] : sequence\n  target y[I] : sequence\n"
+            "  s = " + " + ".join(["x"] * 500) + "\n  loss = mse(s, y)\n}\n")  # fmt: skip
+    m = compile_spec(text)
+    x = np.random.default_rng(0).normal(size=(2, 1, 3))
+    assert rel(m.forward({}, {"x": x})["s"], 500 * x) < 1e-14
+    e = check_error(text.replace(" + ".join(["x"] * 500), " + ".join(["x"] * 501)))
+    assert e.code == "E104" and "more than 500 terms" in e.message
+
+
+def test_nul_byte_is_refused_where_it_is_and_a_bom_is_accepted():
+    e = check_error("model m {\n  dim H = 4  # a \0 byte\n}\n")
+    assert (e.span.line, e.span.col, e.code) == (2, 18, "E101")
+    from rnnc.compiler import front
+
+    _, g = front("\ufeffmodel m {\n  dim H = 4\n  input x[H] : sequence\n}\n", "bom.rnn")
+    assert g.graph["model"] == "m"
+
+
+def test_a_long_line_is_shown_as_a_window_around_the_error(tmp_path, capsys):
+    from rnnc.cli import main
+
+    path = tmp_path / "long.rnn"
+    path.write_text("model m {\n  dim I = 3\n  input x[I] : sequence\n  s = tanh("
+                    + " " * 400_000 + "qq)\n}\n")  # fmt: skip
+    assert main(["check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert len(err) < 1000 and "'qq' is not defined" in err
+    shown, carets = err.splitlines()[1:3]
+    assert shown.index("qq") == carets.index("^")
+
+
+def test_check_time_is_linear_in_stacked_layers():
+    import time
+
+    from rnnc.compiler import front
+
+    with open(os.path.join(SPECS, "tagger.rnn")) as f:
+        cell = f.read().split("model")[0]
+    def timed(n):
+        text = cell + ("model m {\n  dim V = 5, H = 8\n  input x[V] : sequence\n"
+                       f"  h = stack({n}) LSTM(x, H=H)\n}}\n")  # fmt: skip
+        t0 = time.perf_counter()
+        front(text, "s.rnn")
+        return time.perf_counter() - t0
+    timed(2)
+    small, big = min(timed(8) for _ in range(3)), min(timed(64) for _ in range(3))
+    assert big / small < 8 * 2.5  # 8x the layers: about 8x the time, not 64x
