@@ -13,12 +13,34 @@ ORDER = ["errors", "ops", "syntax", "kernels", "parse", "format", "graph", "elab
 
 
 def imports(module: str) -> set[str]:
-    tree = ast.parse(Path(ROOT, module + ".py").read_text())
+    """The rnnc modules `module` imports, anywhere in it (inside functions too), in any form:
+    `from .x import y`, `from . import x`, `from rnnc.x import y`, `import rnnc.x`."""
+    return imported(Path(ROOT, module + ".py").read_text())
+
+
+def imported(source: str) -> set[str]:
     out = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            out.add((node.module or "").split(".")[0])
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            parts = (node.module or "").split(".")
+            if node.level == 0 and parts[0] != "rnnc":
+                continue
+            parts = parts[1:] if node.level == 0 else parts
+            if parts and parts[0]:
+                out.add(parts[0])
+            else:  # from . import x, y  /  from rnnc import x
+                out |= {a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("rnnc.")}
     return out
+
+
+def test_every_import_form_is_seen():
+    forms = ["from . import lower", "def f():\n    from .lower import Emitter",
+             "from rnnc.lower import x", "import rnnc.lower", "from rnnc import lower"]  # fmt: skip
+    for src in forms:
+        assert imported(src) == {"lower"}, src
+    assert imported("import numpy\nfrom numpy import linalg") == set()
 
 
 def test_stages_import_only_earlier_stages():
