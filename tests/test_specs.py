@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import SMALL, finite_diff, random_data, reference, rel, small_dims
+from helpers import finite_diff, random_data, reference, rel, small_dims
 
 from rnnc.compiler import compile_spec, front, read_spec
 from rnnc.format import format_program
