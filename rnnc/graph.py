@@ -209,6 +209,13 @@ def validate(g: Graph) -> None:
         assert op.arity is None or op.arity == len(ops_), f"node {n} ({d['op']}): arity {len(ops_)}"
         if d["shape"] is not None:
             assert isinstance(d["shape"], tuple), f"node {n}: shape {d['shape']!r}"
+            shapes = [g.nodes[u]["shape"] for u, _ in ops_]
+            if op.kind != "leaf" and None not in shapes:  # the op's own rule still holds
+                try:
+                    want = op.shape(*shapes, **d["attrs"])
+                except ShapeError as e:
+                    raise AssertionError(f"node {n} ({d['op']}): {e}") from None
+                assert want in (None, d["shape"]), f"node {n} ({d['op']}): {d['shape']} != {want}"
     same = nx.DiGraph((u, v) for u, v, e in g.edges(data=True) if e["delay"] == 0)
     assert nx.is_directed_acyclic_graph(same), "a same-step cycle (algebraic loop)"
     where = {n: i for i, comp in enumerate(nx.strongly_connected_components(g)) for n in comp}

@@ -107,6 +107,12 @@ def same(*shapes: Shape | None) -> Shape | None:
     return () if len(known) == len(shapes) else None
 
 
+def elementwise(op: Op) -> bool:
+    """The op maps each feature on its own (its shape rule is `same`): it commutes with
+    slicing, f(x[a:b]) == f(x)[a:b]."""
+    return getattr(op.shape, "__wrapped__", op.shape) is same
+
+
 def vector(s: Shape | None) -> Shape | None:
     if s is not None and len(s) != 1:
         raise ShapeError(f"expects a vector, got {fmt_shape(s)}")

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import kernels
 from .graph import Graph, add_op, copy_graph, init_of, operands, set_init, upstream
-from .ops import GLOBAL, OPS, render
+from .ops import GLOBAL, OPS, elementwise, render
 
 TABLES = ("params", "inputs", "targets", "outputs", "grads", "adjoints")
 
@@ -617,8 +617,8 @@ def merge_unary_slices(g: Graph) -> bool:
     groups: dict[tuple, list[tuple[int, int, int]]] = {}
     for n, d in g.nodes(data=True):
         op = OPS[d["op"]]
-        if op.kind != "pointwise" or op.arity != 1 or init_of(g, n) is not None:
-            continue
+        if not elementwise(op) or op.arity != 1 or init_of(g, n) is not None:
+            continue  # (a slice of a slice is no elementwise op: x[0:8][0:4] != x[0:4] parts)
         (u, k), = operands(g, n)  # fmt: skip
         s = slice_of(g, u)
         if s and not k:

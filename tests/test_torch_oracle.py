@@ -1,0 +1,207 @@
+"""PyTorch in float64 as an oracle that shares no code with rnnc: nn.RNN (tanh, relu),
+nn.LSTM (with proj_size), nn.GRU in its own packed layout, bidirectional, two layers,
+variable lengths through pack_padded_sequence, and a many-to-one classifier. Outputs (padding
+zeroed), final states h_n / c_n, and the gradients of every weight, the input and the initial
+states agree norm-wise: outputs to 1e-12, gradients to 1e-10."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import rel
+
+torch = pytest.importorskip("torch", reason="the PyTorch oracle needs torch (pip install '.[test]')")
+nn = torch.nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
+
+from rnnc.compiler import compile_spec  # noqa: E402
+
+# PyTorch's equations and parameter layout, one cell each (weights map one-to-one)
+CELLS = {
+    "RNN_TANH": """cell Cell(x[I]) -> h[H] {
+  param weight_ih[H, I], weight_hh[H, H], bias_ih[H], bias_hh[H]
+  h = tanh(weight_ih @ x + bias_ih + weight_hh @ h[t-1] + bias_hh)
+}""",
+    "RNN_RELU": """cell Cell(x[I]) -> h[H] {
+  param weight_ih[H, I], weight_hh[H, H], bias_ih[H], bias_hh[H]
+  h = relu(weight_ih @ x + bias_ih + weight_hh @ h[t-1] + bias_hh)
+}""",
+    "LSTM": """cell Cell(x[I]) -> h[H] {
+  param weight_ih[4*H, I], weight_hh[4*H, H], bias_ih[4*H], bias_hh[4*H]
+  z = weight_ih @ x + bias_ih + weight_hh @ h[t-1] + bias_hh
+  i = sigmoid(z[0:H])
+  f = sigmoid(z[H:2*H])
+  g = tanh(z[2*H:3*H])
+  o = sigmoid(z[3*H:4*H])
+  c = f * c[t-1] + i * g
+  h = o * tanh(c)
+}""",
+    "LSTM_PROJ": """cell Cell(x[I]) -> h[P] {
+  param weight_ih[4*H, I], weight_hh[4*H, P], bias_ih[4*H], bias_hh[4*H], weight_hr[P, H]
+  z = weight_ih @ x + bias_ih + weight_hh @ h[t-1] + bias_hh
+  i = sigmoid(z[0:H])
+  f = sigmoid(z[H:2*H])
+  g = tanh(z[2*H:3*H])
+  o = sigmoid(z[3*H:4*H])
+  c = f * c[t-1] + i * g
+  h = weight_hr @ (o * tanh(c))
+}""",
+    "GRU": """cell Cell(x[I]) -> h[H] {
+  param weight_ih[3*H, I], weight_hh[3*H, H], bias_ih[3*H], bias_hh[3*H]
+  gi = weight_ih @ x + bias_ih
+  gh = weight_hh @ h[t-1] + bias_hh
+  r = sigmoid(gi[0:H] + gh[0:H])
+  z = sigmoid(gi[H:2*H] + gh[H:2*H])
+  n = tanh(gi[2*H:3*H] + r * gh[2*H:3*H])
+  h = (1 - z) * n + z * h[t-1]
+}""",
+}
+I, H, P, T, B = 3, 4, 2, 6, 3
+
+
+def torch_module(kind: str, layers: int, bidir: bool):
+    torch.manual_seed(0)
+    kw = dict(input_size=I, hidden_size=H, num_layers=layers, bidirectional=bidir, dtype=torch.float64)  # fmt: skip
+    if kind.startswith("RNN"):
+        return nn.RNN(nonlinearity=kind[4:].lower(), **kw)
+    if kind.startswith("LSTM"):
+        return nn.LSTM(proj_size=P if kind == "LSTM_PROJ" else 0, **kw)
+    return nn.GRU(**kw)
+
+
+def spec(kind: str, layers: int, bidir: bool) -> str:
+    mods = (f"stack({layers}) " if layers > 1 else "") + ("bidirectional " if bidir else "")
+    width = P if kind == "LSTM_PROJ" else H
+    dims = f"dim I = {I}, H = {H}" + (f", P = {P}" if kind == "LSTM_PROJ" else "")
+    size = "H=H, P=P" if kind == "LSTM_PROJ" else "H=H"
+    return CELLS[kind] + f"""
+model m {{
+  {dims}
+  input x[I] : sequence
+  target y[{width * (2 if bidir else 1)}] : sequence
+  h = {mods}Cell(x, {size})
+  loss = mse(h, y)
+}}"""
+
+
+def prefix(layers: int, bidir: bool, k: int, d: int) -> str:
+    p = "h" + (f".l{k + 1}" if layers > 1 else "")
+    return p + ((".fwd", ".bwd")[d] if bidir else "")
+
+
+def params_from(mod, layers: int, bidir: bool) -> dict[str, np.ndarray]:
+    out = {}
+    for name, t in mod.named_parameters():
+        base, _, rest = name.rpartition("_l")
+        k = int(rest.split("_")[0])
+        d = 1 if rest.endswith("_reverse") else 0
+        out[f"{prefix(layers, bidir, k, d)}.{base}"] = t.detach().numpy().copy()
+    return out
+
+
+def state_names(kind: str, layers: int, bidir: bool) -> list[tuple[str, int, str]]:
+    """(rnnc initial-state input, index into torch's h0/c0, 'h' or 'c')."""
+    out = []
+    for k in range(layers):
+        for d in range(2 if bidir else 1):
+            p = prefix(layers, bidir, k, d)
+            out.append((f"{p}.h.init", k * (2 if bidir else 1) + d, "h"))
+            if kind.startswith("LSTM"):
+                out.append((f"{p}.c.init", k * (2 if bidir else 1) + d, "c"))
+    return out
+
+
+CASES = [(k, 1, False) for k in CELLS] + [(k, 2, False) for k in ("LSTM", "GRU", "RNN_TANH")] + \
+    [(k, 1, True) for k in ("LSTM", "GRU", "RNN_TANH", "LSTM_PROJ")] + [("LSTM", 2, True), ("GRU", 2, True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "packed"])
+@pytest.mark.parametrize("kind,layers,bidir", CASES, ids=[f"{k}-{n}{'-bi' if b else ''}" for k, n, b in CASES])
+def test_outputs_final_states_and_gradients_equal_pytorch(kind, layers, bidir, lengths):
+    mod = torch_module(kind, layers, bidir)
+    m = compile_spec(spec(kind, layers, bidir))
+    params = params_from(mod, layers, bidir)
+    assert set(params) == set(m.params)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(T, B, I))
+    D = 2 if bidir else 1
+    width = P if kind == "LSTM_PROJ" else H
+    y = rng.normal(size=(T, B, width * D))
+    h0 = rng.normal(size=(layers * D, B, width)) * 0.5
+    c0 = rng.normal(size=(layers * D, B, H)) * 0.5
+    L = np.array([T, 2, 4]) if lengths else np.full(B, T)
+
+    # PyTorch, float64
+    xt = torch.tensor(x, requires_grad=True)
+    h0t, c0t = torch.tensor(h0, requires_grad=True), torch.tensor(c0, requires_grad=True)
+    state = (h0t, c0t) if kind.startswith("LSTM") else h0t
+    packed = pack_padded_sequence(xt, torch.tensor(L), enforce_sorted=False)
+    out_p, fin = mod(packed, state)
+    out, _ = pad_packed_sequence(out_p, total_length=T)
+    mask = torch.tensor(np.arange(T)[:, None] < L[None, :], dtype=torch.float64)
+    # rnnc's mse: mean over features, sum over valid steps, mean over the batch
+    loss_t = ((((out - torch.tensor(y)) ** 2).mean(-1) * mask).sum(0)).mean()
+    loss_t.backward()
+
+    # rnnc
+    inputs = {"x": x}
+    for name, i, which in state_names(kind, layers, bidir):
+        inputs[name] = (h0 if which == "h" else c0)[i]
+    lens = {"x": L} if lengths else None
+    loss, grads, carry = m.loss_and_grads(params, inputs, {"y": y}, lengths=lens,
+                                          with_inputs=True, return_carry=True)  # fmt: skip
+    o = m.forward(params, inputs, lengths=lens)["h"]
+
+    assert rel(o, out.detach().numpy()) < 1e-12  # padding zeroed like pad_packed_sequence
+    assert abs(loss - loss_t.item()) < 1e-12 * abs(loss)
+    for tname, t in mod.named_parameters():
+        base, _, rest = tname.rpartition("_l")
+        k, d = int(rest.split("_")[0]), 1 if rest.endswith("_reverse") else 0
+        assert rel(grads[f"{prefix(layers, bidir, k, d)}.{base}"], t.grad.numpy()) < 1e-10, tname
+    assert rel(grads["x"], xt.grad.numpy()) < 1e-10
+    for name, i, which in state_names(kind, layers, bidir):
+        want = (h0t if which == "h" else c0t).grad.numpy()[i]
+        assert rel(grads[name], want) < 1e-10, name
+    # final states: the forward direction's carry is each sequence's state at its length;
+    # the backward direction ends at step 0 of its output
+    h_n = (fin[0] if kind.startswith("LSTM") else fin).detach().numpy()
+    for k in range(layers):
+        p = prefix(layers, bidir, k, 0)
+        assert rel(carry[f"{p}.h"][-1], h_n[k * D]) < 1e-12
+        if kind.startswith("LSTM"):
+            assert rel(carry[f"{p}.c"][-1], fin[1].detach().numpy()[k * D]) < 1e-12
+    if bidir:
+        assert rel(o[0, :, width:], h_n[-1]) < 1e-12
+
+
+def test_many_to_one_classifier_equals_pytorch():
+    K = 3
+    text = CELLS["LSTM"] + f"""
+model m {{
+  dim I = {I}, H = {H}, K = {K}
+  input x[I] : sequence
+  target label : class(K)
+  param Wy[K, H], by[K]
+  h = Cell(x, H=H)
+  loss = cross_entropy(softmax(Wy @ last(h) + by), label)
+}}"""
+    m = compile_spec(text)
+    mod = torch_module("LSTM", 1, False)
+    torch.manual_seed(1)
+    head = nn.Linear(H, K, dtype=torch.float64)
+    params = params_from(mod, 1, False)
+    params["Wy"], params["by"] = head.weight.detach().numpy().copy(), head.bias.detach().numpy().copy()
+    rng = np.random.default_rng(2)
+    x, label, L = rng.normal(size=(T, B, I)), rng.integers(0, K, size=B), np.array([T, 3, 1])
+    xt = torch.tensor(x, requires_grad=True)
+    _, (h_n, _) = mod(pack_padded_sequence(xt, torch.tensor(L), enforce_sorted=False))
+    loss_t = nn.functional.cross_entropy(head(h_n[-1]), torch.tensor(label))
+    loss_t.backward()
+    loss, grads = m.loss_and_grads(params, {"x": x}, {"label": label}, lengths={"x": L},
+                                   with_inputs=True)  # fmt: skip
+    assert abs(loss - loss_t.item()) < 1e-12 * abs(loss)
+    assert rel(grads["Wy"], head.weight.grad.numpy()) < 1e-10
+    assert rel(grads["by"], head.bias.grad.numpy()) < 1e-10
+    assert rel(grads["x"], xt.grad.numpy()) < 1e-10
+    for tname, t in mod.named_parameters():
+        assert rel(grads["h." + tname.rpartition("_l")[0]], t.grad.numpy()) < 1e-10, tname
