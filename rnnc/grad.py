@@ -72,7 +72,7 @@ def grad(g: Graph, loss: int | None = None) -> Graph:
         for m in range(first_new, g.graph["next_id"]):  # the rule's nodes come from v's equation
             g.nodes[m]["span"], g.nodes[m]["adjoint_of"] = d["span"], v
     for n, dn in dnode.items():
-        contributions = adj[n] or [(add_op(g, "const", value=0.0), 0)]
+        contributions = adj[n] or [(add_op(g, "zeros_like", [(n, 0)]), 0)]
         for pos, (c, k) in enumerate(contributions):
             g.add_edge(c, dn, pos=pos, delay=k)
     g.graph["grads"] = grads_table(g, dnode)

@@ -378,13 +378,16 @@ def concat_vjp(g, xs, axis):
 
 # ----- Linear algebra -----
 
-defop("matmul", 2, matvec, "{1} @ {0}.T", prec=3, slots=(9, 3), seq="linear({1}, {0})",
+# prec 2: Python's @ binds like * and / (left to right), so `a * (x @ W.T)` keeps its parentheses
+defop("matmul", 2, matvec, "{1} @ {0}.T", prec=2, slots=(9, 3), seq="linear({1}, {0})",
       vjp=lambda g, y, w, x: [g.op("outer", x), w.op("matmul_t", g)],
       accumulate="cublas.gemm('N', 'T', {1}, {0}, out={out}, beta=1.0)")  # fmt: skip
 # matmul_t(W, g) = W^T g, and outer(g, x) = Σ over time and batch of g ⊗ x: only in gradients
-defop("matmul_t", 2, matvec_t, "{1} @ {0}", prec=3, slots=(9, 3), level=like_second, user=False,
+defop("matmul_t", 2, matvec_t, "{1} @ {0}", prec=2, slots=(9, 3), level=like_second, user=False,
       seq="linear_t({1}, {0})", accumulate="cublas.gemm('N', 'N', {1}, {0}, out={out}, beta=1.0)")  # fmt: skip
 defop("outer", 2, outer_shape, "outer({0}, {1})", level=to_global, user=False)
+# the adjoint of a value the loss reaches through no differentiable path: zeros like it
+defop("zeros_like", 1, first_shape, "np.zeros_like({0})", user=False)
 # a model-wide value (a param h0) as one value per sequence: a learned initial state
 defop("batch", 1, first_shape, "np.broadcast_to({0}, ({B},) + {0}.shape)", level=to_static,
       user=False, vjp=lambda g, y, x: [g.op("reduce_to", keep=len(x.shape), level=GLOBAL)])  # fmt: skip

@@ -159,3 +159,101 @@ def cells(draw, allow_lengths=True):
     B = draw(st.integers(1, 3))
     lengths = draw(st.booleans()) if allow_lengths else False
     return program, {"T": T, "B": B, "lengths": lengths, "seed": draw(st.integers(0, 2**16))}
+
+
+@st.composite
+def models(draw):
+    """A random model as text, reaching the shapes that once broke rnnc (issue 10): nested
+    projections inside activations, packed weights read through slices, a forward and a
+    backward recurrence over one input, inputs read at other steps, a param as the initial
+    state, first(v) of a per-sequence input, last/first heads, several delays.
+
+    Returns (text, options): T, B, lengths, seed, and `windows` (forward-only models, where a
+    sequence cut in two windows with the carry must equal the whole)."""
+    sign = draw(st.sampled_from([1, 1, -1]))
+    n_eq = draw(st.integers(1, 3))
+    params = ["U[H, I]", "b[H]", "P[3*H, I]"]
+    eqs: list[str] = []
+
+    def operand(i: int, reads_x: bool = False) -> str:
+        every = ["x", "b", "packed", "xdelay", "nested", "past", "past", "eq"]
+        pick = draw(st.sampled_from(every[:5] if reads_x else every))
+        if pick == "b" and reads_x:
+            pick = "x"
+        if pick == "eq" and i == 0:
+            pick = "past"
+        if pick == "x":
+            return "U @ x"
+        if pick == "packed":  # a packed weight read through a slice of its product
+            j = draw(st.integers(0, 2))
+            return f"(P @ x)[{j}*H:{j + 1}*H]" if j else "(P @ x)[0:H]"
+        if pick == "xdelay":
+            k = sign * draw(st.integers(1, 2))
+            return f"U @ x[t{'-' if k > 0 else '+'}{abs(k)}]"
+        if pick == "past" or pick == "nested":
+            j = draw(st.integers(0, n_eq - 1))
+            k = sign * draw(st.integers(1, 3))
+            ref = f"e{j}[t{'-' if k > 0 else '+'}{abs(k)}]"
+            w = f"W{len(params)}"
+            params.append(f"{w}[H, H]")
+            if pick == "nested":  # a projection of the loop inside an activation
+                a = f"A{len(params)}"
+                params.append(f"{a}[H, I]")
+                return f"tanh({a} @ x + {w} @ {ref})"
+            return f"{w} @ {ref}" if draw(st.booleans()) else ref
+        if pick == "eq":
+            return f"e{draw(st.integers(0, i - 1))}"
+        return "b"
+
+    for i in range(n_eq):
+        e = operand(i, reads_x=True)  # every equation sees the input sequence
+        for _ in range(draw(st.integers(1, 3))):
+            kind = draw(st.sampled_from(["unary", "binary", "binary", "gate"]))
+            if kind == "unary":
+                e = f"{draw(st.sampled_from(UNARY))}({e})"
+            elif kind == "binary":
+                e = f"{e} {draw(st.sampled_from('+-*'))} {operand(i)}"
+            else:
+                e = f"sigmoid({operand(i)}) * tanh({e})"
+        if i == n_eq - 1:  # the output is a recurrence
+            e = f"tanh({e} + e{i}[t{'-' if sign > 0 else '+'}1])"
+        eqs.append(f"  e{i} = {e}")
+    cell = "cell C(x[I]) -> e%d[H] {\n  param %s\n%s\n}\n" % (n_eq - 1, ", ".join(params),
+                                                            "\n".join(eqs))  # fmt: skip
+    mods = draw(st.sampled_from(["", "", "bidirectional(sum) ", "stack(2) ", "reverse "]))
+    init = draw(st.booleans())
+    other = draw(st.booleans())  # a model-level recurrence running the other way
+    image = draw(st.booleans())  # first(P @ img): a static input entering at step 0
+    many_to_one = draw(st.booleans())
+    H, n_in, K = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(2, 3))
+    body = [f"  dim H = {H}, I = {n_in}, K = {K}, F = 2", "  input x[I] : sequence"]
+    if image:
+        body.append("  input img[F] : static")
+    body.append("  target y : class(K)" if many_to_one else "  target y[K] : sequence")
+    body.append("  param Wy[K, H], by[K]" + (", h0[H]" if init else "") +
+                (", Ug[H, I], Wg[H, H], Vg[K, H]" if other else "") +
+                (", Pi[H, F], Ui[H, I], Wi[H, H], Vi[K, H]" if image else ""))  # fmt: skip
+    body.append(f"  h = {mods}C(x, H=H{', init=h0' if init else ''})")
+    heads = ["Wy @ {h}"]
+    if other:
+        back = "t+1" if sign > 0 else "t-1"
+        body.append(f"  g = tanh(Ug @ x + Wg @ g[{back}])")
+        heads.append("Vg @ {g}")
+    if image:
+        body.append("  s = tanh(Ui @ x + Wi @ s[t-1] + first(Pi @ img))")
+        heads.append("Vi @ {s}")
+    backward_h = (sign < 0) != (mods == "reverse ")
+    ends = {"h": "first(h)" if backward_h else "last(h)", "g": "first(g)" if sign > 0 else "last(g)",
+            "s": "last(s)"}  # fmt: skip
+    if many_to_one:
+        head = " + ".join(x.format(**ends) for x in heads)
+        body.append(f"  loss = cross_entropy(softmax({head} + by), y)")
+    else:
+        head = " + ".join(x.format(h="h", g="g", s="s") for x in heads)
+        body.append(f"  loss = mse({head} + by, y)")
+    text = cell + "model m {\n" + "\n".join(body) + "\n}\n"
+    forward_only = not backward_h and not other and not many_to_one and "bidirectional" not in mods
+    opts = {"T": draw(st.integers(2, 7)), "B": draw(st.integers(1, 3)),
+            "lengths": draw(st.booleans()), "seed": draw(st.integers(0, 2**16)),
+            "windows": forward_only}  # fmt: skip
+    return text, opts
