@@ -218,8 +218,8 @@ def models(draw):
         if i == n_eq - 1:  # the output is a recurrence
             e = f"tanh({e} + e{i}[t{'-' if sign > 0 else '+'}1])"
         eqs.append(f"  e{i} = {e}")
-    cell = "cell C(x[I]) -> e%d[H] {\n  param %s\n%s\n}\n" % (n_eq - 1, ", ".join(params),
-                                                            "\n".join(eqs))  # fmt: skip
+    lines = "\n".join(eqs)
+    cell = f"cell C(x[I]) -> e{n_eq - 1}[H] {{\n  param {', '.join(params)}\n{lines}\n}}\n"
     mods = draw(st.sampled_from(["", "", "bidirectional(sum) ", "stack(2) ", "reverse "]))
     init = draw(st.booleans())
     other = draw(st.booleans())  # a model-level recurrence running the other way
