@@ -21,7 +21,12 @@ TABLES = ("params", "inputs", "targets", "outputs", "grads", "adjoints")
 
 
 def replace(g: Graph, old: int, new: int) -> None:
-    """Every use of `old` (edges and the graph's tables) now reads `new`; `old` is removed."""
+    """Every use of `old` (edges and the graph's tables) now reads `new`; `old` is removed.
+    A read of old at t-k before the start read old's initial value: new takes it over."""
+    init = init_of(g, old)
+    if init is not None and init != new:
+        assert init_of(g, new) in (None, init), "two initial values for one state"
+        set_init(g, new, init)
     for _, v, d in list(g.out_edges(old, data=True)):
         g.add_edge(new, v, **d)
     for kind in TABLES:

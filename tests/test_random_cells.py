@@ -49,6 +49,10 @@ def test_random_cell_gradients(case):
 
 @settings(max_examples=60)
 @given(models())
+@example(  # a gate fusion once dropped e1's initial value (carries and h0 were ignored)
+    case=('cell C(x[I]) -> e2[H] {\n  param U[H, I], b[H], P[3*H, I], W3[H, H], A4[H, I]\n  e0 = tanh(U @ x)\n  e1 = identity(U @ x)\n  e2 = tanh(U @ x + tanh(A4 @ x + W3 @ e1[t-1]) + e2[t-1])\n}\nmodel m {\n  dim H = 1, I = 1, K = 2, F = 2\n  input x[I] : sequence\n  target y[K] : sequence\n  param Wy[K, H], by[K]\n  h = C(x, H=H)\n  loss = mse(Wy @ h + by, y)\n}\n',
+          {'T': 3, 'B': 1, 'lengths': False, 'seed': 0, 'windows': True}),
+)
 @example(
     case=('cell C(x[I]) -> e2[H] {\n  param U[H, I], b[H], P[3*H, I], W3[H, H]\n  e0 = tanh(U @ x)\n  e1 = tanh(U @ x)\n  e2 = tanh(U @ x * W3 @ e2[t-1] + e2[t-1])\n}\nmodel m {\n  dim H = 2, I = 1, K = 2, F = 2\n  input x[I] : sequence\n  target y[K] : sequence\n  param Wy[K, H], by[K], h0[H]\n  h = C(x, H=H, init=h0)\n  loss = mse(Wy @ h + by, y)\n}\n',
      {'T': 2, 'B': 1, 'lengths': True, 'seed': 0, 'windows': True}),
