@@ -29,7 +29,10 @@ def replace(g: Graph, old: int, new: int) -> None:
         set_init(g, new, init)
     for _, v, d in list(g.out_edges(old, data=True)):
         g.add_edge(new, v, **d)
+    d = g.nodes[old]
     for kind in TABLES:
+        if kind == "adjoints" and not (d["name"] or d.get("adjoint")):
+            continue  # as large as the graph; only adjoint or named nodes stand in it
         table = g.graph.get(kind) or {}
         for k, val in table.items():
             if val == old:
@@ -526,8 +529,8 @@ def joins_safely(g: Graph, members: list[int], sources: list[int]) -> bool:
         (u, v) for u, v, e in g.edges(data=True) if e["delay"] == 0 and e["pos"] != "init"
     )
     same.add_nodes_from(members)
-    reach_same = set().union(*(nx.descendants(same, m) for m in members))
-    if reach_same & set(sources):
+    reach_same = set(members).union(*(nx.descendants(same, m) for m in members))
+    if reach_same & set(sources):  # (a member may itself be another member's source)
         return False
     down = set(members).union(*(nx.descendants(g, m) for m in members))
     up = set(sources).union(*(nx.ancestors(g, s) for s in sources))

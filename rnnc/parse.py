@@ -21,7 +21,7 @@ MAX_DEPTH = 200  # expression nesting; deeper ones overflow recursive passes and
 MAX_TERMS = 500  # operands of one chain a + b + c + ... (a chain counts as one level)
 MAX_INT = 10**9  # a whole number in a spec (dims, delays, stack(n)); larger is a typo
 MAX_DELAY = 1000  # h[t-k]: k rows of state are kept per sequence
-MAX_STACK = 64  # stack(n) layers
+MAX_STACK = 16  # stack(n) layers (compile and gradcheck stay within seconds)
 
 # Terminal names lark shows in `expected` sets, in words.
 WORDS = {
