@@ -84,8 +84,14 @@ def smooth(m: Model) -> bool:
 
 
 def relative(a: np.ndarray, n: np.ndarray, floor: float) -> float:
-    scale = max(float(np.linalg.norm(n)), float(np.linalg.norm(a)), floor)
-    return float(np.linalg.norm(a - n) / scale) if scale > 0 else 0.0
+    """‖a − n‖ / max(‖a‖, ‖n‖, floor), computed scaled so that values near 1e300 do not
+    overflow the norms."""
+    big = max(float(np.max(np.abs(a), initial=0.0)), float(np.max(np.abs(n), initial=0.0)))
+    if big == 0:
+        return 0.0
+    a, n = a / big, n / big
+    scale = max(float(np.linalg.norm(n)), float(np.linalg.norm(a)), floor / big)
+    return float(np.linalg.norm(a - n) / scale)
 
 
 def directional(

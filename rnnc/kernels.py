@@ -22,12 +22,13 @@ def log_sigmoid(x):
 
 def ce_sigmoid(z, y):
     # -log σ(z[y]): cross-entropy of a sigmoid read at the label, fused like softmax's
-    zy = np.take_along_axis(z, y[..., None], axis=-1)[..., 0]
+    zy = np.take_along_axis(along(z, y), y[..., None], axis=-1)[..., 0]
     return np.logaddexp(0, -zy)
 
 
 def ce_sigmoid_d(z, y):
     # σ(z[y]) - 1 at the label, 0 elsewhere
+    z = along(z, y)
     d = np.zeros(z.shape, z.dtype)
     flat = d.reshape(-1, z.shape[-1])
     rows, cols = np.arange(flat.shape[0]), y.reshape(-1)
@@ -82,8 +83,14 @@ def pad(g, start, n, axis):
     return out
 
 
+def along(z, y):
+    # z as [..., K] over y's leading axes: a per-sequence z read by per-step labels repeats
+    return z if z.ndim == y.ndim + 1 else np.broadcast_to(z, y.shape + z.shape[-1:])
+
+
 def ce_logits(z, y):
     # cross-entropy from logits, max-shifted log-sum-exp: no log(0), no overflow
+    z = along(z, y)
     m = z.max(axis=-1)
     lse = m + np.log(np.exp(z - m[..., None]).sum(axis=-1))
     return lse - np.take_along_axis(z, y[..., None], axis=-1)[..., 0]
@@ -91,23 +98,26 @@ def ce_logits(z, y):
 
 def ce_logits_d(z, y):
     # softmax minus one-hot, written through a flat view (CuPy 13 has no put_along_axis)
-    d = np.ascontiguousarray(softmax(z))
+    d = np.ascontiguousarray(softmax(along(z, y)))
     flat = d.reshape(-1, d.shape[-1])
     flat[np.arange(flat.shape[0]), y.reshape(-1)] -= 1
     return d
 
 
 def ce_probs(p, y):
-    q = np.take_along_axis(p, y[..., None], axis=-1)[..., 0]
+    q = np.take_along_axis(along(p, y), y[..., None], axis=-1)[..., 0]
     return -np.log(np.maximum(q, np.finfo(p.dtype).tiny))
 
 
 def ce_probs_d(p, y):
+    # -1/q at the label; 0 where q is clamped to the smallest float (the loss is flat there)
+    p = along(p, y)
     d = np.zeros(p.shape, p.dtype)
     flat = d.reshape(-1, p.shape[-1])
     rows, cols = np.arange(flat.shape[0]), y.reshape(-1)
     q = p.reshape(-1, p.shape[-1])[rows, cols]
-    flat[rows, cols] = -1 / np.maximum(q, np.finfo(p.dtype).tiny)
+    tiny = np.finfo(p.dtype).tiny
+    flat[rows, cols] = np.where(q > tiny, -1 / np.maximum(q, tiny), 0)
     return d
 
 

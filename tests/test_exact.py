@@ -433,3 +433,17 @@ def test_check_time_is_linear_in_stacked_layers():
 def test_a_fused_bias_that_is_another_fused_add():
     # W1 @ h[t-2] and W2 @ h[t-2] fuse; the second add's "bias" is the first add
     three_way(HEAD % "s = tanh(A @ x + C @ s[t-2] + D @ s[t-2])\n  loss = mse(s, y)", lengths=True)
+
+
+def test_a_per_sequence_score_read_by_per_step_labels():
+    # first(...) is one value per sequence; the labels are per step: the loss repeats it
+    text = """model m {
+  dim I = 3, H = 4, K = 3
+  input x[I] : sequence
+  target c : sequence of class(K)
+  param W[H, H], U[H, I], V[K, H]
+  s = tanh(W @ s[t-1] + U @ x)
+  loss = cross_entropy(softmax(first(V @ s)), c)
+}"""
+    three_way(text, lengths=True)
+    three_way(text.replace("softmax(first(V @ s))", "first(softmax(V @ s))"))
