@@ -255,6 +255,7 @@ defop(
     2,
     same,
     "{0} + {1}",
+    user=False,  # written as an operator; the name is the IR's
     prec=1,
     slots=(1, 2),
     vjp=lambda g, y, a, b: [g, g],
@@ -265,6 +266,7 @@ defop(
     2,
     same,
     "{0} - {1}",
+    user=False,  # written as an operator; the name is the IR's
     prec=1,
     slots=(1, 2),
     vjp=lambda g, y, a, b: [g, -g],
@@ -275,14 +277,15 @@ defop(
     2,
     same,
     "{0} * {1}",
+    user=False,  # written as an operator; the name is the IR's
     prec=2,
     slots=(2, 3),
     vjp=lambda g, y, a, b: [g * b, g * a],
     cuda="{0} * {1}",
 )
 defop("div", 2, same, "{0} / {1}", prec=2, slots=(2, 3), vjp=lambda g, y, a, b: [g / b, -(g * y) / b],
-      domain="away0", cuda="{0} / {1}")  # fmt: skip
-defop("neg", 1, same, "-{0}", prec=4, slots=(4,), vjp=lambda g, y, x: [-g], cuda="-{0}")
+      domain="away0", cuda="{0} / {1}", user=False)  # fmt: skip
+defop("neg", 1, same, "-{0}", prec=4, slots=(4,), vjp=lambda g, y, x: [-g], cuda="-{0}", user=False)
 defop("identity", 1, same, "{0}", vjp=lambda g, y, x: [g], cuda="{0}")
 defop(
     "sum",
@@ -381,7 +384,7 @@ def concat_vjp(g, xs, axis):
 # prec 2: Python's @ binds like * and / (left to right), so `a * (x @ W.T)` keeps its parentheses
 defop("matmul", 2, matvec, "{1} @ {0}.T", prec=2, slots=(9, 3), seq="linear({1}, {0})",
       vjp=lambda g, y, w, x: [g.op("outer", x), w.op("matmul_t", g)],
-      accumulate="cublas.gemm('N', 'T', {1}, {0}, out={out}, beta=1.0)")  # fmt: skip
+      accumulate="cublas.gemm('N', 'T', {1}, {0}, out={out}, beta=1.0)", user=False)  # fmt: skip
 # matmul_t(W, g) = W^T g, and outer(g, x) = Σ over time and batch of g ⊗ x: only in gradients
 defop("matmul_t", 2, matvec_t, "{1} @ {0}", prec=2, slots=(9, 3), level=like_second, user=False,
       seq="linear_t({1}, {0})", accumulate="cublas.gemm('N', 'N', {1}, {0}, out={out}, beta=1.0)")  # fmt: skip

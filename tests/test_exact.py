@@ -447,3 +447,23 @@ def test_a_per_sequence_score_read_by_per_step_labels():
 }"""
     three_way(text, lengths=True)
     three_way(text.replace("softmax(first(V @ s))", "first(softmax(V @ s))"))
+
+
+def test_messages_name_no_internal_op(tmp_path, capsys):
+    from rnnc.cli import main
+
+    # an operator's IR name is no function a spec can call, nor a suggestion
+    e = check_error(HEAD % "s = subb(U @ x, A @ x)\n  loss = mse(s, y)")
+    assert e.code == "E210" and "sub'" not in (e.hint or "")
+    e = check_error(HEAD % "s = sub(U @ x, A @ x)\n  loss = mse(s, y)")
+    assert e.code == "E210"
+    # a shape that cannot be inferred is named by its source text, never %15
+    e = check_error("cell C(x[I]) -> h[H] {\n  h = tanh(x[0:H] + h[t-1])\n}\n"
+                    "model m {\n  dim I = 6\n  input x[I] : sequence\n  h = C(x)\n}\n")  # fmt: skip
+    assert e.code == "E305" and "'x[0:H]'" in e.message and "%" not in e.message
+    # a loss that is not one number: an error, and no "ok" beside it
+    path = tmp_path / "lossh.rnn"
+    path.write_text(HEAD % "h = tanh(W @ h[t-1] + U @ x)\n  loss = h")
+    assert main(["check", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert "ok" not in out and "error[E408]" in err and ":7:3:" in err  # at `loss = h`
