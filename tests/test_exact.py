@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from helpers import finite_diff, grad_scale, random_data, reference, rel
+from helpers import TORCH_CELLS, finite_diff, grad_scale, random_data, reference, rel
 
 from rnnc import kernels
 from rnnc.compiler import compile_spec
@@ -318,17 +318,12 @@ def test_fusions_keep_the_schedule_valid(body):
     three_way(HEAD % body, lengths=True)
 
 
-GRU_PACKED = """model m {
+GRU_PACKED = TORCH_CELLS["GRU"] + """
+model m {
   dim I = 3, H = 4
   input x[I] : sequence
   target y[H] : sequence
-  param W_ih[3*H, I], W_hh[3*H, H], b_ih[3*H], b_hh[3*H]
-  gi = W_ih @ x + b_ih
-  gh = W_hh @ h[t-1] + b_hh
-  r = sigmoid(gi[0:H] + gh[0:H])
-  z = sigmoid(gi[H:2*H] + gh[H:2*H])
-  n = tanh(gi[2*H:3*H] + r * gh[2*H:3*H])
-  h = (1 - z) * n + z * h[t-1]
+  h = Cell(x, H=H)
   loss = mse(h, y)
 }"""
 
@@ -337,7 +332,8 @@ def test_gru_in_pytorch_packed_layout_compiles_exactly():
     m, params, inputs, *_ = three_way(GRU_PACKED, lengths=True)
     # a hand loop of PyTorch's GRU equations
     x, H = inputs["x"], 4
-    Wi, Wh, bi, bh = params["W_ih"], params["W_hh"], params["b_ih"], params["b_hh"]
+    Wi, Wh = params["h.weight_ih"], params["h.weight_hh"]
+    bi, bh = params["h.bias_ih"], params["h.bias_hh"]
     h, hs = np.zeros((x.shape[1], H)), []
     for t in range(x.shape[0]):
         gi, gh = x[t] @ Wi.T + bi, h @ Wh.T + bh

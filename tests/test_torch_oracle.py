@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import TORCH_CELLS as CELLS
 from helpers import rel
 
 torch = pytest.importorskip("torch", reason="the PyTorch oracle needs torch (pip install '.[test]')")
@@ -16,46 +17,6 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa
 
 from rnnc.compiler import compile_spec  # noqa: E402
 
-# PyTorch's equations and parameter layout, one cell each (weights map one-to-one)
-CELLS = {
-    "RNN_TANH": """cell Cell(x[I]) -> h[H] {
-  param weight_ih[H, I], weight_hh[H, H], bias_ih[H], bias_hh[H]
-  h = tanh(weight_ih @ x + bias_ih + weight_hh @ h[t-1] + bias_hh)
-}""",
-    "RNN_RELU": """cell Cell(x[I]) -> h[H] {
-  param weight_ih[H, I], weight_hh[H, H], bias_ih[H], bias_hh[H]
-  h = relu(weight_ih @ x + bias_ih + weight_hh @ h[t-1] + bias_hh)
-}""",
-    "LSTM": """cell Cell(x[I]) -> h[H] {
-  param weight_ih[4*H, I], weight_hh[4*H, H], bias_ih[4*H], bias_hh[4*H]
-  z = weight_ih @ x + bias_ih + weight_hh @ h[t-1] + bias_hh
-  i = sigmoid(z[0:H])
-  f = sigmoid(z[H:2*H])
-  g = tanh(z[2*H:3*H])
-  o = sigmoid(z[3*H:4*H])
-  c = f * c[t-1] + i * g
-  h = o * tanh(c)
-}""",
-    "LSTM_PROJ": """cell Cell(x[I]) -> h[P] {
-  param weight_ih[4*H, I], weight_hh[4*H, P], bias_ih[4*H], bias_hh[4*H], weight_hr[P, H]
-  z = weight_ih @ x + bias_ih + weight_hh @ h[t-1] + bias_hh
-  i = sigmoid(z[0:H])
-  f = sigmoid(z[H:2*H])
-  g = tanh(z[2*H:3*H])
-  o = sigmoid(z[3*H:4*H])
-  c = f * c[t-1] + i * g
-  h = weight_hr @ (o * tanh(c))
-}""",
-    "GRU": """cell Cell(x[I]) -> h[H] {
-  param weight_ih[3*H, I], weight_hh[3*H, H], bias_ih[3*H], bias_hh[3*H]
-  gi = weight_ih @ x + bias_ih
-  gh = weight_hh @ h[t-1] + bias_hh
-  r = sigmoid(gi[0:H] + gh[0:H])
-  z = sigmoid(gi[H:2*H] + gh[H:2*H])
-  n = tanh(gi[2*H:3*H] + r * gh[2*H:3*H])
-  h = (1 - z) * n + z * h[t-1]
-}""",
-}
 I, H, P, T, B = 3, 4, 2, 6, 3
 
 
