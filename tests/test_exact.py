@@ -463,3 +463,23 @@ def test_messages_name_no_internal_op(tmp_path, capsys):
     assert main(["check", str(path)]) == 1
     out, err = capsys.readouterr()
     assert "ok" not in out and "error[E408]" in err and ":7:3:" in err  # at `loss = h`
+
+
+def test_lengths_and_a_carry_together_equal_the_reference():
+    # a window that continues sequences (carry) and ends each at its own length
+    from rnnc.grad import grad
+    from rnnc.interpret import interpret
+    from rnnc.unroll import unroll
+
+    m = compile_spec(os.path.join(SPECS, "elman.rnn"), dims={"V": 5, "H": 4})
+    _, params, inputs, targets, _ = random_data(m.graph, 6, 3, seed=1)
+    first = {k: v[:3] for k, v in inputs.items()}
+    rest, tgs = {k: v[3:] for k, v in inputs.items()}, {k: v[3:] for k, v in targets.items()}
+    _, carry = m.forward(params, first, return_carry=True)
+    L = {"x": np.array([3, 1, 2])}
+    loss, grads = m.loss_and_grads(params, rest, tgs, lengths=L, carry=carry)
+    gd = grad(unroll(m.graph, {"x": 3}, masked=True, carried=True))
+    vals = interpret(gd, params, rest, tgs, lengths=L, carry=carry)
+    assert abs(loss - float(vals[gd.graph["loss"]])) < 1e-12 * abs(loss)
+    for name in params:
+        assert rel(grads[name], vals[gd.graph["grads"][name]]) < 1e-12, name
