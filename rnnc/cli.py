@@ -14,6 +14,7 @@ from .compiler import parse_dims, read_file
 from .errors import RnncError, UsageError, render
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
+EXIT_PIPE = 141  # 128 + SIGPIPE, as a shell reports a tool whose reader closed the pipe
 
 
 class Parser(argparse.ArgumentParser):
@@ -409,6 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rnnc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`rnnc check spec | head -1`): stop quietly
+        quiet_stdout()
+        return EXIT_PIPE
     except Exception as e:  # a bug in rnnc, not the user's fault
         if a.debug:
             raise
@@ -417,5 +421,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+def quiet_stdout() -> None:
+    """Send what is left of stdout nowhere, so exiting does not fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        quiet_stdout()
+        code = EXIT_PIPE
+    sys.exit(code)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import io
 import os
+import stat
 import tempfile
 import zipfile
 
@@ -13,20 +16,53 @@ from .errors import RnncError
 
 
 def atomic_write(path: str, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, rename over it, fsync the directory:
-    a reader sees the old file or the new one, never half of one."""
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".rnnc-", suffix=".tmp")
+    """Write `data` to `path` so that a reader sees the old file or the new one, never half.
+
+    A regular file (or a new one): a temporary file beside it, fsync, rename over it, fsync
+    the folder; it keeps the old file's mode (a new one gets the umask's). A symlink: its
+    target is replaced, the link stays. A device, FIFO or /dev/stdout: written directly
+    (renaming over /dev/null as root would turn it into a plain file for every program).
+    Temporary files a killed run left for this path are removed. Any failure (no such folder,
+    no permission, a full disk) is a worded error naming the user's path."""
+    target = os.path.realpath(path)
     try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise write_error(path, e) from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        if stat.S_ISDIR(st.st_mode):
+            raise RnncError(f"cannot write '{path}': it is a folder", code="E506")
+        try:  # a device, FIFO or terminal: no rename, no temporary file
+            with open(target, "wb") as f:
+                f.write(data)
+                f.flush()
+        except OSError as e:
+            raise write_error(path, e) from None
+        return
+    folder = os.path.dirname(target) or "."
+    if not os.path.isdir(folder):
+        raise RnncError(f"cannot write '{path}': the folder '{os.path.dirname(path) or '.'}' "
+                        "does not exist", hint="create it first (mkdir -p)", code="E506")  # fmt: skip
+    remove_stale(folder, os.path.basename(target))
+    mode = stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~current_umask()
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.rnnc-{os.getpid()}-",
+                                   suffix=".tmp")  # fmt: skip
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        os.replace(tmp, target)
+        tmp = None
+    except OSError as e:
+        raise write_error(path, e) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
     try:
         dfd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -35,6 +71,35 @@ def atomic_write(path: str, data: bytes) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def write_error(path: str, e: OSError) -> RnncError:
+    return RnncError(f"cannot write '{path}': {e.strerror or e}", code="E506")
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale(folder: str, name: str) -> None:
+    """Temporary files for `name` whose writer process no longer runs (a killed run's)."""
+    for f in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.rnnc-*.tmp")):
+        pid = os.path.basename(f)[len(name) + 7 :].split("-", 1)[0]
+        if pid.isdigit() and not alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(f)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def on_host(v) -> np.ndarray:
