@@ -247,8 +247,7 @@ def cmd_gradcheck(a) -> int:
     print(f"{'tensor':24s} {'shape':14s} {'directions':>10s} {'rel. error':>11s}")
     bad = [r for r in report if not r.error <= a.tol]  # NaN fails too
     for row in report:
-        flag = "" if row in bad else "   ok"
-        flag = f"   FAIL{': ' + row.note if row.note else ''}" if row in bad else flag
+        flag = f"   FAIL{': ' + row.note if row.note else ''}" if row in bad else "   ok"
         print(f"{row.name:24s} {list(row.shape)!s:14s} {row.checked:10d} {row.error:11.2e}{flag}")
     worst = max((r.error for r in report), default=0.0)
     print(f"largest relative error {worst:.2e} (norm-wise per tensor over random directions, "
