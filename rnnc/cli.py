@@ -32,25 +32,68 @@ def source_of(path: str) -> str:
         return ""
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1 (a misuse, exit 2, otherwise)."""
+def whole_number(text: str) -> int:
+    """An argparse type: a whole number, written 1000, 1_000 or 1e3."""
     try:
-        v = int(text)
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if not np.isfinite(v) or v != int(v):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    return int(v)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a misuse, exit 2, otherwise)."""
+    v = whole_number(text)
     if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return v
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: a random seed, 0 .. 2**63 - 1."""
+    v = whole_number(text)
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"{text} must be a whole number from 0 to 2**63 - 1")
+    return v
+
+
+def real(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not np.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number")
     return v
 
 
 def positive_float(text: str) -> float:
     """An argparse type: a finite number > 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not np.isfinite(v) or v <= 0:
+    v = real(text)
+    if v <= 0:
         raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
+    return v
+
+
+def nonnegative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    v = real(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number, 0 or more")
+    return v
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1) (a momentum)."""
+    v = real(text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 0 and below 1")
     return v
 
 
@@ -101,7 +144,20 @@ def cmd_check(a) -> int:
     print(f"  states: {', '.join(states) or 'none'}")
     if g.graph.get("loss") is None:
         print("  no loss: forward only (add `loss = ...` to train)")
+    print("  " + memory_line(a))
     return 0
+
+
+def memory_line(a, T: int = 100, B: int = 32) -> str:
+    """What a forward pass and a training step hold at the defaults of `rnnc bench`."""
+    from .compiler import compile_spec
+    from .memory import estimate, fmt_bytes
+
+    m = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model, load=False)
+    line = f"memory at T={T}, B={B} in float32: forward {fmt_bytes(estimate(m, T, B, training=False).total)}"
+    if "loss_and_grads" in m.plans:
+        line += f", a training step {estimate(m, T, B).describe()}"
+    return line
 
 
 def cmd_fmt(a) -> int:
@@ -135,8 +191,6 @@ def cmd_graph(a) -> int:
     text, file = read_spec(a.spec)
     _, g = front(text, file, parse_dims(a.dim), a.model)
     if a.unroll is not None:
-        if a.unroll < 1:
-            raise UsageError("--unroll T needs T >= 1", code="E501")
         T = {
             d: (a.unroll // 2 if info["halves"] else a.unroll)
             for d, info in g.graph["domains"].items()
@@ -181,8 +235,9 @@ def cmd_compile(a) -> int:
 
 def cmd_run(a) -> int:
     from .compiler import compile_spec
-    from .data import check_arrays, check_lengths
+    from .data import check_data, load_params
     from .files import load_npz, on_host, save_npz
+    from .memory import data_steps, estimate, require_memory
 
     if a.target == "cupy":
         from .compiler import require_gpu
@@ -192,17 +247,19 @@ def cmd_run(a) -> int:
         from .train import run_training
 
         return run_training(a)
-    m = compile_spec(a.spec, target=a.target, dims=parse_dims(a.dim), model=a.model)
     if not a.data:
         raise UsageError("rnnc run needs --data inputs.npz (or --train)", code="E501")
-    arrays = load_npz(a.data, "data file")
-    inputs = check_arrays(arrays, m.inputs, "input", a.data)
+    m = compile_spec(a.spec, target=a.target, dims=parse_dims(a.dim), model=a.model)
     dtype = np.float64 if a.float64 else np.float32
+    arrays = load_npz(a.data, "data file")
+    have_loss = m.graph.graph.get("loss") is not None
+    inputs, targets, lengths = check_data(arrays, m, a.data, dtype,
+                                          targets="if present" if have_loss else False)  # fmt: skip
+    B = next(iter(inputs.values())).shape[1 if m.inputs[next(iter(inputs))][1] != "static" else 0]
+    need = estimate(m, data_steps(inputs, m.inputs), B, dtype, training=False)
+    require_memory(need.total, f"running {m.graph.graph['model']} on {a.data}")
     params = load_params(a.params, m, dtype) if a.params else m.init_params(a.seed, dtype)
-    lengths = check_lengths(arrays, inputs, m.inputs, a.data)
-    have_targets = m.graph.graph.get("loss") is not None and all(k in arrays for k in m.targets)
-    if have_targets:
-        targets = check_arrays(arrays, m.targets, "target", a.data)
+    if targets is not None:
         out = m.loss(params, inputs, targets, lengths=lengths)
     else:
         out = m.forward(params, inputs, lengths=lengths)
@@ -213,29 +270,6 @@ def cmd_run(a) -> int:
         save_npz(a.output, out)
         print(f"wrote {a.output}")
     return 0
-
-
-def load_params(path: str, m, dtype) -> dict[str, np.ndarray]:
-    from .files import load_npz
-
-    arrays = load_npz(path, "params file")
-    out = {}
-    for name, (shape, _, _) in m.params.items():
-        key = name if name in arrays else f"param/{name}"
-        if key not in arrays:
-            raise RnncError(
-                f"{path}: no parameter '{name}'", hint="was it saved for another spec?", code="E520"
-            )
-        v = arrays[key]
-        if tuple(v.shape) != tuple(shape):
-            raise RnncError(
-                f"{path}: parameter '{name}' is {list(v.shape)}, the spec says {list(shape)}",
-                code="E520",
-            )
-        if not np.isfinite(v).all():
-            raise RnncError(f"{path}: parameter '{name}' holds NaN or infinity", code="E520")
-        out[name] = v.astype(dtype)
-    return out
 
 
 def cmd_gradcheck(a) -> int:
@@ -259,9 +293,12 @@ def cmd_gradcheck(a) -> int:
 def cmd_bench(a) -> int:
     from .compiler import compile_spec
     from .gradcheck import random_batch
+    from .memory import estimate, require_memory
 
     # the cupy target checks for CuPy and a GPU first, and says what is missing
     m = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model, target=a.target)
+    require_memory(estimate(m, a.steps, a.batch, np.float32).total,
+                   f"timing {m.graph.graph['model']} at --batch {a.batch} over {a.steps:,d} steps")  # fmt: skip
     params = m.init_params(a.seed, np.float32)
     inputs, targets, _ = random_batch(m, a.steps, a.batch, a.seed, np.float32)
     # the data on the device before the clock starts, as a training loop would keep it
@@ -309,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--check", action="store_true", help="exit 1 if not formatted")
     g.add_argument("--write", action="store_true", help="rewrite the file in place (atomically)")
     c = spec_cmd("graph", "draw the graph (DOT; SVG/PNG with Graphviz)")
-    c.add_argument("--unroll", type=int, metavar="T", help="draw the graph unrolled over T steps")
+    c.add_argument("--unroll", type=positive_int, metavar="T", help="draw the graph unrolled over T steps")
     c.add_argument("-o", "--output", help="out.dot, out.svg or out.png (default: DOT on stdout)")
     spec_cmd("grad", "print the derived backward (BPTT) equations")
     c = spec_cmd("compile", "generate a standalone Python module")
@@ -328,17 +365,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["numpy", "cupy"],
         help="cupy runs on an NVIDIA GPU (needs rnnc[cupy])",
     )
-    c.add_argument("--params", help=".npz of parameters (default: fresh from --seed)")
+    c.add_argument("--params", help=".npz of parameters (default: fresh from --seed); with "
+                   "--train, the parameters to start from (fine-tuning)")
     c.add_argument("-o", "--output", help="write outputs to this .npz")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=seed_int, default=0)
     c.add_argument("--float64", action="store_true", help="compute in float64 (default float32)")
     c.add_argument("--train", action="store_true", help="train the model")
-    c.add_argument("--generate", type=int, metavar="N", help="sample N steps from a trained model")
+    c.add_argument("--generate", type=positive_int, metavar="N", help="sample N steps from a trained model")
     add_training_args(c)
     c = spec_cmd("gradcheck", "compare gradients with central differences in float64")
     c.add_argument("--steps", type=positive_int, default=5, help="sequence length T (default 5)")
     c.add_argument("--batch", type=positive_int, default=2)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=seed_int, default=0)
     c.add_argument("--eps", type=positive_float, default=None,
                    help="the step along each direction (default 1e-3, Richardson-extrapolated; "
                    "1e-6 plain for models with kinks such as relu)")  # fmt: skip
@@ -349,10 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-lengths", action="store_true",
                    help="every sequence full length (default: random lengths)")  # fmt: skip
     c = spec_cmd("bench", "time forward and forward+backward")
-    c.add_argument("--steps", type=int, default=100)
-    c.add_argument("--batch", type=int, default=32)
-    c.add_argument("--repeat", type=int, default=5)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--steps", type=positive_int, default=100)
+    c.add_argument("--batch", type=positive_int, default=32)
+    c.add_argument("--repeat", type=positive_int, default=5)
+    c.add_argument("--seed", type=seed_int, default=0)
     c.add_argument("--target", default="numpy", choices=["numpy", "cupy"],
                    help="cupy times the fused GPU code (needs rnnc[cupy] and a GPU)")  # fmt: skip
     return p
@@ -362,22 +400,24 @@ def add_training_args(c: argparse.ArgumentParser) -> None:
     """Training options (rnnc/train.py reads them)."""
     c.add_argument("--task", help="built-in task: adding, copy, reber, text, npz")
     c.add_argument("--text", help="a text file for the character task (default: Python's docs)")
-    c.add_argument("--steps", type=int, help="training steps")
-    c.add_argument("--batch", type=int, default=32)
-    c.add_argument("--seq-len", type=int, help="sequence length (or BPTT window)")
+    c.add_argument("--steps", type=positive_int, help="training steps")
+    c.add_argument("--batch", type=positive_int, default=32)
+    c.add_argument("--seq-len", type=positive_int, help="sequence length (or BPTT window)")
     c.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    c.add_argument("--lr", type=float, default=None)
-    c.add_argument("--momentum", type=float, default=0.9)
-    c.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    c.add_argument("--lr", type=positive_float, default=None)
+    c.add_argument("--momentum", type=fraction, default=0.9)
+    c.add_argument("--clip", type=nonnegative_float, default=1.0, help="global gradient-norm clip (0: off)")
     c.add_argument("--schedule", choices=["constant", "cosine", "step"], default="constant")
-    c.add_argument("--tbptt", type=int, help="truncated BPTT window over one long stream")
     c.add_argument("--checkpoint", help="checkpoint file (.npz), written atomically")
-    c.add_argument("--checkpoint-every", type=int, default=100)
+    c.add_argument("--checkpoint-every", type=positive_int, default=100)
     c.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    c.add_argument("--override", action="store_true",
+                   help="with --resume: continue with settings (--lr, --batch, ...) other than the "
+                   "checkpoint's")  # fmt: skip
     c.add_argument("--plot", help="draw training and validation loss to this PNG")
     c.add_argument("--log", help="append metrics as JSON lines")
     c.add_argument("--prime", default="", help="text to start generation from")
-    c.add_argument("--temperature", type=float, default=1.0)
+    c.add_argument("--temperature", type=positive_float, default=1.0)
     c.add_argument("--quiet", action="store_true")
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
+import math
 import os
 import stat
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -115,16 +117,93 @@ def save_npz(path: str, arrays: dict) -> None:
     atomic_write(path, buf.getvalue())
 
 
+BOMB_RATIO = 200  # a deflated array this many times smaller than its size is refused ...
+BOMB_SIZE = 256 * 2**20  # ... once it unpacks to more than this (a zip bomb)
+
+
 def load_npz(path: str, what: str = "file") -> dict[str, np.ndarray]:
-    """Arrays from an .npz, never unpickling; a clear error for a missing or broken file."""
+    """Arrays from an .npz, never unpickling; a worded error for a missing, broken, forged or
+    oversized file, given before anything large is read (see `npz_sizes`)."""
+    from .memory import require_memory
+
+    sizes = npz_sizes(path, what)
+    require_memory(sum(sizes.values()), f"{what} '{path}' ({len(sizes)} arrays)",
+                   hint="the file holds more than fits in memory")  # fmt: skip
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise RnncError(f"{what} '{path}' does not exist", code="E505") from None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, zlib.error) as e:
         raise RnncError(
             f"{what} '{path}' is not a readable .npz file ({type(e).__name__}: {e})",
             hint="it may be truncated or not written by numpy.savez",
             code="E505",
         ) from None
+
+
+def npz_sizes(path: str, what: str = "file") -> dict[str, int]:
+    """Each array's bytes, read from the zip directory and the .npy headers alone; refuses a
+    .npy passed as .npz, a member that is no array, a header whose shape needs more bytes than
+    the member holds (or fewer), Python objects, and deflated members that unpack to more
+    than BOMB_RATIO times their size (a zip bomb)."""
+    bad = lambda why, hint=None: RnncError(f"{what} '{path}' {why}", hint=hint, code="E505")  # noqa: E731
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        on_disk = os.path.getsize(path)
+    except FileNotFoundError:
+        raise RnncError(f"{what} '{path}' does not exist", code="E505") from None
+    except OSError as e:
+        raise bad(f"cannot be read: {e.strerror or e}") from None
+    if magic == b"\x93NUMPY":
+        raise bad("is a single .npy array, not an .npz archive of named arrays",
+                  hint="save with np.savez(path, name=array, ...)")  # fmt: skip
+    if magic[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):
+        raise bad("is not a readable .npz file (no zip header)", hint="write it with numpy.savez")
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                name = info.filename[:-4] if info.filename.endswith(".npy") else None
+                if name is None:
+                    raise bad(f"holds '{info.filename[:60]}', which is not an array (.npy)")
+                if (info.compress_type == zipfile.ZIP_STORED and info.file_size > on_disk) or \
+                        info.compress_size > on_disk:  # fmt: skip
+                    raise bad(f"is truncated or forged: '{name}' claims {info.file_size:,d} bytes "
+                              f"of a {on_disk:,d}-byte file")  # fmt: skip
+                if info.compress_type != zipfile.ZIP_STORED and info.file_size > BOMB_SIZE and \
+                        info.file_size > BOMB_RATIO * max(info.compress_size, 1):  # fmt: skip
+                    raise bad(f"unpacks '{name}' from {info.compress_size:,d} to "
+                              f"{info.file_size:,d} bytes, more than {BOMB_RATIO}x: a zip bomb?",
+                              hint="if you trust it, save it uncompressed (np.savez)")  # fmt: skip
+                out[name] = array_bytes(z, info, name, bad)
+    except zipfile.BadZipFile as e:
+        raise bad(f"is not a readable .npz file ({e})",
+                  hint="it may be truncated or not written by numpy.savez") from None  # fmt: skip
+    except (OSError, EOFError, zlib.error) as e:
+        raise bad(f"is damaged ({type(e).__name__}: {e})") from None
+    return out
+
+
+def array_bytes(z: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, bad) -> int:
+    """The data bytes an .npy member's header promises, checked against the member's size."""
+    fmt = np.lib.format
+    with z.open(info) as f:
+        try:
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = fmt.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"format version {version}")
+        except (ValueError, SyntaxError, TypeError) as e:
+            raise bad(f"has a damaged header for '{name}' ({e})") from None
+        header = f.tell()
+    if dtype.hasobject:
+        raise bad(f"holds Python objects in '{name}', which rnnc never unpickles",
+                  hint="save numbers, not object arrays")  # fmt: skip
+    nbytes = math.prod(shape) * dtype.itemsize
+    if header + nbytes != info.file_size:
+        raise bad(f"is truncated or forged: '{name}' is {list(shape)} {dtype} ({nbytes:,d} bytes) "
+                  f"by its header, and the file holds {info.file_size - header:,d}")  # fmt: skip
+    return nbytes

@@ -20,6 +20,7 @@ import numpy as np
 
 from .check import require_loss
 from .compiler import Model, compile_spec
+from .memory import estimate, require_memory
 from .ops import OPS
 
 ALL = "(all at once)"
@@ -131,6 +132,8 @@ def check_all(spec, dims, model, T, batch, seed, eps, directions, lengths) -> li
     m = spec if isinstance(spec, Model) else compile_spec(spec, dims=dims, model=model)
     if m.grad_graph is None:
         require_loss(m.graph)  # a worded error: there is nothing to differentiate
+    require_memory(estimate(m, T, batch, np.float64).total,
+                   f"checking {m.graph.graph['model']} at batch {batch} over {T:,d} steps")  # fmt: skip
     rng = np.random.default_rng(seed)
     params = m.init_params(seed, np.float64)
     for k in params:  # non-zero biases, so that every path is exercised

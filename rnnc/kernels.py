@@ -282,6 +282,42 @@ def pad_time(a, past, future, fill, carried=None):
     return out
 
 
+def check_data(inputs, inputs_table, targets=None, targets_table=None):
+    # every array present, [T, B, *features] or [B, *features] as the table says; one B;
+    # one T per time domain, and a pairs() domain ('x/2') half as long as the one it halves
+    batch, steps = {}, {}
+    for arrays, table, kind in ((inputs, inputs_table, "inputs"), (targets, targets_table, "targets")):
+        if table is None:
+            continue
+        for name, (shape, dom, labels) in table.items():
+            if name not in arrays:
+                raise KeyError(f"{kind}[{name!r}] is missing; the model's {kind}: "
+                               + ", ".join(map(repr, table)))
+            have, lead = tuple(np.shape(arrays[name])), (1 if dom == "static" else 2)
+            want = ("T", "B")[2 - lead :] + (() if labels else tuple(shape))
+            if len(have) != len(want) or have[lead:] != want[lead:]:
+                raise ValueError(f"{kind}[{name!r}] has shape {list(have)}; expected "
+                                 f"[{', '.join(map(str, want))}] ([time, batch, features] for a "
+                                 "sequence, [batch, features] per sequence)")
+            batch.setdefault(have[lead - 1], f"{kind}[{name!r}]")
+            if lead == 2:
+                steps.setdefault(dom, []).append((f"{kind}[{name!r}]", have[0]))
+    if len(batch) > 1:
+        raise ValueError("the arrays disagree on the batch size: "
+                         + ", ".join(f"{who} has {b}" for b, who in batch.items()))
+    for dom, seen in steps.items():
+        root, halvings = dom.split("/")[0], dom.count("/")
+        first, n = steps.get(root, seen)[0]
+        for who, m in seen:
+            if halvings and root in steps and m != n >> halvings:
+                raise ValueError(f"{who} has {m} steps; it runs over pairs of {first}'s "
+                                 f"{n} steps{' (halved ' + str(halvings) + ' times)' if halvings > 1 else ''}, "
+                                 f"so it needs {n >> halvings}")
+            if m != seen[0][1]:
+                raise ValueError(f"{who} has {m} steps but {seen[0][0]} has {seen[0][1]}: they "
+                                 "run over the same steps and need the same length")
+
+
 def check_lengths(lengths, domains):
     # every key of `lengths` names a time domain: a misspelt one would be silently ignored
     unknown = sorted(set(lengths or ()) - set(domains))

@@ -246,6 +246,10 @@ class Emitter:
         return out
 
     def frees(self) -> dict[int, set[str]]:
+        """Before step i: the names of the arrays no step from i on reads."""
+        return {i: {self.name(u) for u in nodes} for i, nodes in self.dead_before().items()}
+
+    def dead_before(self) -> dict[int, set[int]]:
         """Before step i: the arrays no step from i on reads (a memory plan: the backward
         pass keeps only what it reads)."""
         g, plan = self.g, self.plan
@@ -268,7 +272,7 @@ class Emitter:
             if isinstance(plan.steps[made[u]], Loop) and u not in plan.stored:
                 continue  # a loop-local value, not an array
             if i + 1 < len(plan.steps):
-                out.setdefault(i + 1, set()).add(self.name(u))
+                out.setdefault(i + 1, set()).add(u)
         return out
 
     def padded(self, n: int, text: str) -> str:
@@ -463,7 +467,8 @@ class Module:
         body = em.emit()
         used = {n for s in plan.steps for n in ([s.node] if isinstance(s, Once) else s.nodes)}
         pro = [
-            "    dt = np.result_type(*(p.dtype for p in params.values())) if params else np.float64"
+            "    dt = np.result_type(*(p.dtype for p in params.values())) if params else np.float64",
+            "    check_data(inputs, INPUTS" + (", targets, TARGETS)" if fname != "forward" else ")"),
         ]
         if self.target == "cupy":  # a carry may come from the host (a checkpoint)
             pro.append(
@@ -691,7 +696,8 @@ def helper_sources() -> dict[str, tuple[int, str, set[str]]]:
     return out
 
 
-HOST_HELPERS = ("initialize",)  # run on the host even in the CuPy target (NumPy's generator)
+HOST_HELPERS = ("initialize", "check_data")  # run on the host in the CuPy target too (NumPy's
+# generator; shapes only)
 
 
 def used_helpers(code: str, cupy: bool = False) -> str:

@@ -4,10 +4,13 @@ atomic checkpoints with exact resume, a progress bar, a JSON-lines log and a los
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -15,10 +18,12 @@ import numpy as np
 
 from . import tasks
 from .compiler import Model, compile_spec, parse_dims
-from .data import check_arrays, check_lengths
+from .data import check_data, load_params
 from .errors import RnncError, UsageError
 from .files import atomic_write, load_npz, on_host, save_npz
+from .memory import estimate, require_memory
 
+REBER_STEPS = 60  # embedded Reber strings are rarely longer (the memory estimate's length)
 DEFAULTS = {  # task: (sequence length, steps, learning rate, batch)
     "adding": (50, 1200, 1e-2, 64),
     "copy": (20, 2000, 3e-3, 32),
@@ -82,53 +87,151 @@ def update(s: State, grads: dict[str, np.ndarray], lr: float, a) -> None:
 
 # ----- checkpoints -----
 
+# the settings a checkpoint records; resuming with other values is refused unless --override
+SETTINGS = ("task", "optimizer", "lr", "batch", "seq_len", "schedule", "momentum", "clip", "float64")
+
+
+def settings_of(a, src) -> dict:
+    out = {"task": src.task, "optimizer": a.optimizer, "lr": a.lr, "batch": a.batch,
+           "seq_len": src.T, "schedule": a.schedule, "clip": a.clip, "float64": bool(a.float64)}  # fmt: skip
+    if a.optimizer == "sgd":
+        out["momentum"] = a.momentum
+    return out
+
 
 def save_checkpoint(path: str, s: State, meta: dict) -> None:
+    from . import __version__
+
     arrays = {f"param/{k}": v for k, v in s.params.items()}
     arrays.update({f"opt.m/{k}": v for k, v in s.m.items()})
     arrays.update({f"opt.v/{k}": v for k, v in s.v.items()})
     for k, v in (s.carry or {}).items():
         arrays[f"carry/{k}"] = v
-    info = {**meta, "step": s.step, "offset": s.offset, "rng": s.rng.bit_generator.state}
+    info = {**meta, "rnnc": __version__, "step": s.step, "offset": s.offset,
+            "rng": s.rng.bit_generator.state}  # fmt: skip
     arrays["meta"] = np.frombuffer(json.dumps(info).encode(), dtype=np.uint8)
     save_npz(path, arrays)
 
 
-def load_checkpoint(path: str, m: Model, dtype, meta: dict) -> State:
-    arrays = load_npz(path, "checkpoint")
-    if "meta" not in arrays:
+def checkpoint_meta(arrays: dict, path: str) -> dict:
+    """A checkpoint's metadata: a JSON object stored as bytes under 'meta'."""
+    raw = arrays.get("meta")
+    if raw is None:
         raise RnncError(f"{path} is not an rnnc checkpoint (no 'meta')", code="E521")
     try:
-        info = json.loads(arrays["meta"].tobytes().decode())
-    except (ValueError, UnicodeDecodeError):
-        raise RnncError(f"{path}: its metadata is corrupt", code="E521") from None
+        if raw.dtype != np.uint8 or raw.ndim != 1:
+            raise ValueError
+        info = json.loads(raw.tobytes().decode())
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise RnncError(f"{path}: its metadata ('meta') is corrupt", code="E521") from None
+    if not isinstance(info, dict):
+        raise RnncError(f"{path}: its metadata is a JSON {type(info).__name__}, not an object",
+                        code="E521")  # fmt: skip
+    return info
+
+
+def meta_field(info: dict, key: str, path: str, kind, default=None, ok=lambda v: True):
+    """info[key], of type `kind` and passing `ok`, or a worded refusal naming the field."""
+    v = info.get(key, default)
+    if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool) or not ok(v):
+        raise RnncError(f"{path}: its metadata field '{key}' is {json.dumps(v)[:60]}, "
+                        "which no rnnc run writes", hint="the file is damaged", code="E521")  # fmt: skip
+    return v
+
+
+def charset(v: list) -> bool:
+    """A text run's characters: distinct, each one character."""
+    return 0 < len(v) == len({c for c in v if isinstance(c, str) and len(c) == 1})
+
+
+def carry_shapes(m: Model) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """The states a text run carries between windows: name -> (rows, feature shape)."""
+    from .graph import init_of
+
+    plan = m.plans["loss_and_grads"]
+    g = plan.graph
+    return {g.nodes[n]["name"]: (past, tuple(g.nodes[n]["shape"]))
+            for n, (past, _) in plan.pads.items()
+            if past and init_of(g, n) is not None and "adjoint_of" not in g.nodes[n]}  # fmt: skip
+
+
+def load_checkpoint(path: str, m: Model, dtype, meta: dict, settings: dict | None = None,
+                    override: bool = False) -> State:  # fmt: skip
+    """A checkpoint checked field by field against the model (and, given `settings`, against
+    this run's settings: a difference is refused by name unless `override`)."""
+    from .data import check_params
+
+    arrays = load_npz(path, "checkpoint")
+    info = checkpoint_meta(arrays, path)
     if info.get("model") != meta["model"]:
-        raise RnncError(
-            f"{path} was saved for model '{info.get('model')}', not '{meta['model']}'", code="E521"
-        )
-    params, mm, vv = {}, {}, {}
-    for name, (shape, _, _) in m.params.items():
-        for prefix, dst in (("param/", params), ("opt.m/", mm), ("opt.v/", vv)):
-            key = prefix + name
-            if key not in arrays:
-                raise RnncError(f"{path}: no '{key}' (was it saved for another spec?)", code="E521")
-            if tuple(arrays[key].shape) != tuple(shape):
-                raise RnncError(
-                    f"{path}: '{name}' is {list(arrays[key].shape)}, the spec says {list(shape)}",
-                    hint="the spec or its --dim values changed since the checkpoint",
-                    code="E521",
-                )
-            dst[name] = arrays[key].astype(dtype)
-    extra = sorted(k.split("/", 1)[1] for k in arrays if k.startswith("param/"))
-    unknown = [k for k in extra if k not in m.params]
+        raise RnncError(f"{path} was saved for model '{str(info.get('model'))[:60]}', "
+                        f"not '{meta['model']}'", code="E521")  # fmt: skip
+    step = meta_field(info, "step", path, int, ok=lambda v: v >= 0)
+    offset = meta_field(info, "offset", path, int, 0, ok=lambda v: v >= 0)
+    rng = np.random.default_rng()
+    try:
+        rng.bit_generator.state = meta_field(info, "rng", path, dict)
+    except (TypeError, ValueError, KeyError, OverflowError):
+        raise RnncError(f"{path}: its metadata field 'rng' is not a PCG64 generator state",
+                        hint="the file is damaged", code="E521") from None  # fmt: skip
+    if "chars" in meta:
+        chars = meta_field(info, "chars", path, list, ok=charset)
+        if chars != meta["chars"]:
+            raise RnncError(f"{path} was trained on another text ({len(chars)} distinct "
+                            f"characters, this one has {len(meta['chars'])})", code="E521")  # fmt: skip
+    params = check_params(arrays, m, path, dtype, ("param/",))
+    mm = check_params(arrays, m, path, dtype, ("opt.m/",))
+    vv = check_params(arrays, m, path, dtype, ("opt.v/",))
+    for k, v in vv.items():
+        if (v < 0).any():
+            raise RnncError(f"{path}: 'opt.v/{k}' (Adam's second moment) holds negative values",
+                            hint="the file is damaged", code="E521")  # fmt: skip
+    unknown = sorted(k.split("/", 1)[1] for k in arrays
+                     if k.startswith("param/") and k.split("/", 1)[1] not in m.params)  # fmt: skip
     if unknown:
         raise RnncError(
             f"{path}: parameters the spec does not have: {', '.join(unknown)}", code="E521"
         )
-    rng = np.random.default_rng()
-    rng.bit_generator.state = info["rng"]
-    carry = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("carry/")} or None
-    return State(params, mm, vv, info["step"], rng, info.get("offset", 0), carry)
+    carry = load_carry(arrays, m, path, dtype, settings)
+    if settings is not None:
+        changed = changed_settings(info.get("settings"), settings)
+        if changed and not override:
+            raise RnncError(
+                f"{path} was trained with {changed[0]}",
+                hint="resume with the same settings, or add --override to continue with the new ones",
+                code="E522",
+            )
+        if carry is not None and any(v.shape[1] != settings["batch"] for v in carry.values()):
+            carry, offset = None, 0  # another batch: the text streams start again
+    return State(params, mm, vv, step, rng, offset, carry)
+
+
+def changed_settings(saved, now: dict) -> list[str]:
+    """'--lr 0.003, this run --lr 0.01' for each recorded setting this run changes."""
+    if not isinstance(saved, dict):
+        return []  # a checkpoint from before settings were recorded
+    flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
+    return [f"{flag(k)} {saved[k]}, and this run has {flag(k)} {now.get(k)}"
+            for k in SETTINGS if k in saved and saved[k] != now.get(k)]  # fmt: skip
+
+
+def load_carry(arrays: dict, m: Model, path: str, dtype, settings: dict | None):
+    from .data import real_values
+
+    found = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("carry/")}
+    if not found:
+        return None
+    want = carry_shapes(m) if "loss_and_grads" in m.plans else {}
+    out = {}
+    for k, v in found.items():
+        if k not in want:
+            raise RnncError(f"{path}: 'carry/{k}' is no state this model carries", code="E521")
+        rows, shape = want[k]
+        if v.ndim != 2 + len(shape) or v.shape[0] != rows or tuple(v.shape[2:]) != shape:
+            raise RnncError(f"{path}: 'carry/{k}' is {list(v.shape)}, the model's state is "
+                            f"[{rows}, batch, {', '.join(map(str, shape))}]", code="E521")  # fmt: skip
+        out[k] = real_values(v, f"carry/{k}", path, dtype).astype(dtype)
+    return out
 
 
 # ----- data -----
@@ -151,14 +254,28 @@ class Source:
         if self.task == "text":
             raw = read_text(a.text) if a.text else tasks.default_text()
             self.text = tasks.Text(raw)
+            need = text_needs(self.T, self.B)
+            if len(self.text.ids) < need:
+                raise UsageError(
+                    f"--text {a.text} has {len(self.text.ids):,d} characters; --seq-len {self.T} "
+                    f"at --batch {self.B} needs at least {need:,d} (95% to train on, 5% to validate)",
+                    hint="a longer text, or a smaller --seq-len or --batch",
+                    code="E501",
+                )
         if self.task == "npz":
             if not a.data:
                 raise UsageError("--task npz needs --data FILE.npz", code="E501")
             arrays = load_npz(a.data, "data file")
-            self.inputs = check_arrays(arrays, m.inputs, "input", a.data)
-            self.targets = check_arrays(arrays, m.targets, "target", a.data)
-            self.lengths = check_lengths(arrays, self.inputs, m.inputs, a.data)
+            dtype = np.float64 if a.float64 else np.float32
+            self.inputs, self.targets, self.lengths = check_data(arrays, m, a.data, dtype)
             self.n = batch_size(self.inputs, m.inputs)
+
+    def longest(self) -> int:
+        """The most steps one batch will have (for the memory estimate)."""
+        if self.task == "npz":
+            return max((v.shape[0] for k, v in self.inputs.items() if self.m_inputs[k][1] != "static"),
+                       default=1)  # fmt: skip
+        return self.T if self.task != "reber" else REBER_STEPS
 
     def batch(self, rng, s: State | None = None):
         if self.task == "adding":
@@ -194,12 +311,23 @@ class Source:
         return {"x": np.eye(self.text.vocab)[ids[idx]]}, {"y": ids[idx + 1]}, None
 
 
+def text_needs(T: int, B: int) -> int:
+    """The fewest characters that give B training streams and a validation window of T + 1."""
+    n = T + 2
+    while int(n * 0.95) // B < T + 2 or n - int(n * 0.95) < T + 2:
+        n = max(n + 1, int(n * 1.05))
+    return n
+
+
 def read_text(path: str) -> str:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
+            text = f.read()
     except OSError as e:
-        raise RnncError(f"cannot read {path}: {e}", code="E500") from None
+        raise RnncError(f"cannot read {path}: {e.strerror or e}", code="E500") from None
+    if not text:
+        raise UsageError(f"--text {path} is empty", code="E501")
+    return text
 
 
 def batch_size(arrays, table) -> int:
@@ -225,6 +353,13 @@ def task_dims(a, m_probe: Model | None = None) -> dict[str, int]:
 def run_training(a) -> int:
     if a.generate is not None:
         return run_generate(a)
+    if a.plot:
+        require_matplotlib()  # before the run, not after it
+    if a.resume and a.params:
+        raise UsageError("--resume continues a checkpoint; --params starts from a params file: "
+                         "give one of them", code="E501")  # fmt: skip
+    if a.resume and (not a.checkpoint or not os.path.exists(a.checkpoint)):
+        raise UsageError("--resume needs an existing --checkpoint file", code="E501")
     dims = {**task_dims(a), **parse_dims(a.dim)}
     m = compile_spec(a.spec, dims=dims, model=a.model, target=a.target)
     if m.grad_graph is None:
@@ -236,20 +371,52 @@ def run_training(a) -> int:
     a.steps = a.steps or steps0
     a.lr = a.lr or lr0
     dtype = np.float64 if a.float64 else np.float32
-    meta = {"model": m.graph.graph["model"], "task": src.task}
+    require_memory(estimate(m, src.longest(), src.B, dtype, training=True).total,
+                   f"training {m.graph.graph['model']} at --batch {src.B} over {src.longest():,d} steps")  # fmt: skip
+    if not a.output and not a.checkpoint:
+        print("rnnc: note: the trained parameters are not saved; add -o params.npz "
+              "(or --checkpoint ck.npz) to keep them", file=sys.stderr)  # fmt: skip
+    meta = {"model": m.graph.graph["model"], "task": src.task, "settings": settings_of(a, src)}
     if src.text is not None:
         meta["chars"] = src.text.chars
     if a.resume:
-        if not a.checkpoint or not os.path.exists(a.checkpoint):
-            raise UsageError("--resume needs an existing --checkpoint file", code="E501")
-        s = load_checkpoint(a.checkpoint, m, dtype, meta).on(m.xp)
+        s = load_checkpoint(a.checkpoint, m, dtype, meta, meta["settings"], a.override).on(m.xp)
     else:
-        params = m.init_params(a.seed, dtype)  # on the device for the cupy target
+        params = load_params(a.params, m, dtype) if a.params else m.init_params(a.seed, dtype)
+        params = {k: m.xp.asarray(v) for k, v in params.items()}  # on the device for cupy
         zeros = lambda: {k: m.xp.zeros_like(v) for k, v in params.items()}  # noqa: E731
         s = State(params, zeros(), zeros(), 0, np.random.default_rng(a.seed))
     val_rng = np.random.default_rng(10_000 + a.seed)
     val = src.batch(val_rng, None)
     check_batch(m, val, src.task)
+    with stop_requests() as stop:
+        history, tokens, elapsed = train_loop(a, m, src, s, val, meta, dtype, stop)
+    vals = [v for _, _, v in history if v is not None]
+    final = vals[-1] if vals else float("nan")
+    if stop.signal:
+        print(f"rnnc: stopped by {signal.Signals(stop.signal).name} after step {s.step}",
+              file=sys.stderr)  # fmt: skip
+    else:
+        print(f"trained {m.graph.graph['model']} on {src.task}: {s.step} steps in {elapsed:.1f}s, "
+              f"{tokens / max(elapsed, 1e-9):,.0f} tokens/s; validation loss {final:.4f}")  # fmt: skip
+        if src.task == "adding":
+            print(f"  (predicting 1 always scores 0.167; this model scores {final:.4f})")
+        if src.task == "text":
+            print(f"  {final / src.T / math.log(2):.3f} bits per character on held-out text")
+    if stop.signal and a.checkpoint:
+        save_checkpoint(a.checkpoint, s, meta)
+        print(f"wrote {a.checkpoint} (step {s.step}; continue with --resume)", file=sys.stderr)
+    if a.plot and not stop.signal:
+        plot(history, a.plot)
+    if a.output:
+        save_npz(a.output, {f"param/{k}": v for k, v in s.params.items()})
+        print(f"wrote {a.output}", file=sys.stderr if stop.signal else sys.stdout)
+    return 128 + stop.signal if stop.signal else 0
+
+
+def train_loop(a, m: Model, src: Source, s: State, val, meta: dict, dtype, stop: Stop):
+    """Steps until a.steps or a stop request (checked between steps, so the state is always
+    that after a whole step); (history, tokens, seconds)."""
     tbptt = src.task == "text"
     log = open(a.log, "a", encoding="utf-8") if a.log else None  # noqa: SIM115
     history: list[tuple[int, float, float | None]] = []
@@ -267,7 +434,7 @@ def run_training(a) -> int:
         if log:
             log.write(json.dumps({"step": 0, "loss": None, "val_loss": first}) + "\n")
     try:
-        while s.step < a.steps:
+        while s.step < a.steps and not stop.signal:
             ins, tgs, L = src.batch(s.rng, s)
             ins = {k: v.astype(dtype) for k, v in ins.items()}
             if tbptt:
@@ -307,28 +474,42 @@ def run_training(a) -> int:
             bar.close()
         if log:
             log.close()
-    elapsed = time.perf_counter() - t_start
-    vals = [v for _, _, v in history if v is not None]
-    final = vals[-1] if vals else float("nan")
-    print(f"trained {m.graph.graph['model']} on {src.task}: {s.step} steps in {elapsed:.1f}s, "
-          f"{tokens / max(elapsed, 1e-9):,.0f} tokens/s; validation loss {final:.4f}")  # fmt: skip
-    if src.task == "adding":
-        print(f"  (predicting 1 always scores 0.167; this model scores {final:.4f})")
-    if src.task == "text":
-        print(f"  {final / src.T / math.log(2):.3f} bits per character on held-out text")
-    if a.plot:
-        plot(history, a.plot)
-    if a.output:
-        save_npz(a.output, {f"param/{k}": v for k, v in s.params.items()})
-        print(f"wrote {a.output}")
-    return 0
+    return history, tokens, time.perf_counter() - t_start
+
+
+class Stop:
+    """The first SIGINT or SIGTERM asks the run to stop after the step in progress (a final
+    checkpoint, then exit 128 + the signal); a second SIGINT stops at once."""
+
+    def __init__(self):
+        self.signal = 0
+
+    def handle(self, signum, frame) -> None:
+        if self.signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\nrnnc: {signal.Signals(signum).name}: stopping after this step "
+              "(Ctrl-C again to stop now, saving nothing)", file=sys.stderr)  # fmt: skip
+
+
+@contextlib.contextmanager
+def stop_requests():
+    stop = Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers belong to the main thread; elsewhere the caller's apply
+        return
+    old = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def check_batch(m: Model, batch, task: str) -> None:
     ins, tgs, _ = batch
     try:
-        check_arrays(ins, m.inputs, "input", f"task '{task}'")
-        check_arrays(tgs, m.targets, "target", f"task '{task}'")
+        check_data({**ins, **tgs}, m, f"task '{task}'")
     except RnncError as e:
         raise RnncError(
             f"this spec does not fit the {task} task: {e.message}",
@@ -349,7 +530,8 @@ def progress(a, start: int):
     return tqdm(total=a.steps, initial=start, unit="step", dynamic_ncols=True)
 
 
-def plot(history, path: str) -> None:
+def require_matplotlib():
+    """pyplot with the headless Agg backend, or a worded error saying how to install it."""
     try:
         import matplotlib
 
@@ -361,6 +543,11 @@ def plot(history, path: str) -> None:
             hint='pip install "rnnc[plot]"',
             code="E541",
         ) from None
+    return plt
+
+
+def plot(history, path: str) -> None:
+    plt = require_matplotlib()
     steps = [s for s, _, _ in history]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [l for _, l, _ in history], lw=0.8, alpha=0.6, label="training")
@@ -404,16 +591,16 @@ def run_generate(a) -> int:
     """Sample a.generate steps from a trained character model through its generate rule."""
     if not a.checkpoint or not os.path.exists(a.checkpoint):
         raise UsageError("--generate needs --checkpoint FILE from a text training run", code="E501")
-    arrays = load_npz(a.checkpoint, "checkpoint")
-    try:
-        info = json.loads(arrays["meta"].tobytes().decode()) if "meta" in arrays else {}
-    except (ValueError, UnicodeDecodeError):
-        info = {}
-    chars = info.get("chars")
-    if not chars:
+    info = checkpoint_meta(load_npz(a.checkpoint, "checkpoint"), a.checkpoint)
+    if "chars" not in info:
         raise RnncError(
             f"{a.checkpoint} was not trained on text: it has no character set", code="E543"
         )
+    chars = meta_field(info, "chars", a.checkpoint, list, ok=charset)
+    outside = sorted(set(a.prime) - set(chars))
+    if outside:
+        raise UsageError(f"--prime has characters the model was not trained on: "
+                         f"{''.join(outside)[:40]!r}", code="E501")  # fmt: skip
     m = compile_spec(a.spec, dims={"V": len(chars), **parse_dims(a.dim)}, model=a.model,
                      target=a.target)  # fmt: skip
     rules = m.graph.graph["generate"]
@@ -423,12 +610,10 @@ def run_generate(a) -> int:
         )
     (x_name,) = rules
     o_name = sampled_output(m, x_name)
-    if a.temperature <= 0:
-        raise UsageError("--temperature must be > 0", code="E501")
-    meta = {"model": m.graph.graph["model"], "task": "text"}
+    meta = {"model": m.graph.graph["model"], "task": "text", "chars": chars}
     s = load_checkpoint(a.checkpoint, m, np.float64, meta).on(m.xp)
     index = {c: i for i, c in enumerate(chars)}
-    prime = [index.get(c, 0) for c in (a.prime or "\n")]
+    prime = [index[c] for c in (a.prime or ("\n" if "\n" in index else chars[-1]))]
     rng = np.random.default_rng(a.seed)
     V = len(chars)
     carry, out = None, []
