@@ -117,6 +117,10 @@ def save_npz(path: str, arrays: dict) -> None:
     atomic_write(path, buf.getvalue())
 
 
+# what zipfile and zlib raise for a damaged archive (RuntimeError: "encrypted"; NotImplementedError:
+# an unknown compression method or flag)
+ZIP_TROUBLE = (zipfile.LargeZipFile, RuntimeError, NotImplementedError, OSError, EOFError,
+               zlib.error, ValueError, KeyError, TypeError)  # fmt: skip
 BOMB_RATIO = 200  # a deflated array this many times smaller than its size is refused ...
 BOMB_SIZE = 256 * 2**20  # ... once it unpacks to more than this (a zip bomb)
 
@@ -132,7 +136,7 @@ def load_npz(path: str, what: str = "file") -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, zlib.error) as e:
+    except (zipfile.BadZipFile, *ZIP_TROUBLE) as e:
         raise RnncError(
             f"{what} '{path}' is not a readable .npz file ({type(e).__name__}: {e})",
             hint="it may be truncated or not written by numpy.savez",
@@ -179,8 +183,9 @@ def npz_sizes(path: str, what: str = "file") -> dict[str, int]:
     except zipfile.BadZipFile as e:
         raise bad(f"is not a readable .npz file ({e})",
                   hint="it may be truncated or not written by numpy.savez") from None  # fmt: skip
-    except (OSError, EOFError, zlib.error) as e:
-        raise bad(f"is damaged ({type(e).__name__}: {e})") from None
+    except ZIP_TROUBLE as e:  # a flipped bit: an unknown method, "encrypted", a bad length
+        raise bad(f"is not a readable .npz file ({type(e).__name__}: {e})",
+                  hint="it may be damaged or not written by numpy.savez") from None  # fmt: skip
     return out
 
 
