@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -243,10 +244,10 @@ def cmd_run(a) -> int:
         from .compiler import require_gpu
 
         require_gpu()  # says what is missing: CuPy, the driver, or a device
-    if a.train or a.generate is not None:
-        from .train import run_training
-
-        return run_training(a)
+    if a.generate is not None:
+        return cmd_generate(a)
+    if a.train:
+        return cmd_train(a)
     if not a.data:
         raise UsageError("rnnc run needs --data inputs.npz (or --train)", code="E501")
     m = compile_spec(a.spec, target=a.target, dims=parse_dims(a.dim), model=a.model)
@@ -269,6 +270,120 @@ def cmd_run(a) -> int:
     if a.output:
         save_npz(a.output, out)
         print(f"wrote {a.output}")
+    return 0
+
+
+def cmd_train(a) -> int:
+    """`rnnc run --train`: the training API (rnnc/train.py) from the command line's flags;
+    under `mpiexec -n N`, data-parallel over N processes."""
+    import signal
+
+    from . import train as tr
+    from .compiler import compile_spec
+    from .data import load_params
+    from .files import load_npz, save_npz
+    from .parallel import world
+
+    if a.plot:
+        tr.require_matplotlib()  # before the run, not after it
+    if a.resume and a.params:
+        raise UsageError("--resume continues a checkpoint; --params starts from a params file: "
+                         "give one of them", code="E501")  # fmt: skip
+    if a.resume and (not a.checkpoint or not os.path.exists(a.checkpoint)):
+        raise UsageError("--resume needs an existing --checkpoint file", code="E501")
+    comm = world()
+    task = a.task or ("npz" if a.data else None)
+    dtype = np.float64 if a.float64 else np.float32
+    if task == "npz" or (task is None and a.data):
+        if not a.data:
+            raise UsageError("--task npz needs --data FILE.npz", code="E501")
+        m = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model, target=a.target)
+        arrays = load_npz(a.data, "data file")
+        from .data import check_data
+
+        ins, tgs, L = check_data(arrays, m, a.data, dtype)
+        data = tr.Arrays(m, ins, tgs, L, batch=a.batch, dtype=dtype, source=a.data)
+        steps0, lr0 = 500, 1e-3
+    elif task in tr.Task.DEFAULTS:
+        text = read_text(a.text) if a.text and task == "text" else None
+        data = tr.Task(task, a.batch, a.seq_len, text)
+        m = compile_spec(a.spec, dims={**data.dims(), **parse_dims(a.dim)}, model=a.model,
+                         target=a.target)  # fmt: skip
+        _, steps0, lr0 = tr.Task.DEFAULTS[task]
+    else:
+        raise UsageError("--train needs --task adding|copy|reber|text, or --data FILE.npz",
+                         code="E501")  # fmt: skip
+    lr = a.lr or lr0
+    opt = tr.SGD(lr, a.momentum) if a.optimizer == "sgd" else tr.Adam(lr)
+    params = load_params(a.params, m, dtype) if a.params else None
+    t = tr.Trainer(m, data, opt, steps=a.steps or steps0, schedule=a.schedule, clip=a.clip,
+                   seed=a.seed, dtype=dtype, params=params, checkpoint=a.checkpoint,
+                   checkpoint_every=a.checkpoint_every, resume=a.resume, override=a.override,
+                   log=a.log, progress=not a.quiet, comm=comm)  # fmt: skip
+    if not a.output and not a.checkpoint and comm.rank == 0:
+        print("rnnc: note: the trained parameters are not saved; add -o params.npz "
+              "(or --checkpoint ck.npz) to keep them", file=sys.stderr)  # fmt: skip
+    history = t.fit()
+    if comm.rank != 0:
+        return 128 + t.signal if t.signal else 0
+    vals = [r.val_loss for r in history if r.val_loss is not None]
+    final = vals[-1] if vals else float("nan")
+    name = m.graph.graph["model"]
+    if t.signal:
+        print(f"rnnc: stopped by {signal.Signals(t.signal).name} after step {t.s.step}"
+              + (f"; wrote {a.checkpoint} (continue with --resume)" if a.checkpoint else ""),
+              file=sys.stderr)  # fmt: skip
+    else:
+        ranks = f" on {comm.size} processes" if comm.size > 1 else ""
+        print(f"trained {name} on {data.name}{ranks}: {t.s.step} steps in {t.seconds:.1f}s, "
+              f"{t.tokens / max(t.seconds, 1e-9):,.0f} tokens/s; validation loss {final:.4f}")  # fmt: skip
+        if data.name == "adding":
+            print(f"  (predicting 1 always scores 0.167; this model scores {final:.4f})")
+        if data.name == "text":
+            print(f"  {final / data.T / math.log(2):.3f} bits per character on held-out text")
+        if a.plot:
+            tr.plot(history, a.plot)
+            print(f"wrote {a.plot}")
+    if a.output:
+        save_npz(a.output, {f"param/{k}": v for k, v in t.params.items()})
+        print(f"wrote {a.output}", file=sys.stderr if t.signal else sys.stdout)
+    return 128 + t.signal if t.signal else 0
+
+
+def read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError as e:
+        raise RnncError(f"cannot read {path}: {e.strerror or e}", code="E500") from None
+    if not text:
+        raise UsageError(f"--text {path} is empty", code="E501")
+    return text
+
+
+def cmd_generate(a) -> int:
+    """`rnnc run --generate N`: sample from a model trained on text (its checkpoint)."""
+    from .compiler import compile_spec
+    from .files import load_npz
+    from .train import charset, checkpoint_meta, generate, load_checkpoint, meta_field
+
+    if not a.checkpoint or not os.path.exists(a.checkpoint):
+        raise UsageError("--generate needs --checkpoint FILE from a text training run", code="E501")
+    info = checkpoint_meta(load_npz(a.checkpoint, "checkpoint"), a.checkpoint)
+    if "chars" not in info:
+        raise RnncError(
+            f"{a.checkpoint} was not trained on text: it has no character set", code="E543"
+        )
+    chars = meta_field(info, "chars", a.checkpoint, list, ok=charset)
+    outside = sorted(set(a.prime) - set(chars))
+    if outside:
+        raise UsageError(f"--prime has characters the model was not trained on: "
+                         f"{''.join(outside)[:40]!r}", code="E501")  # fmt: skip
+    m = compile_spec(a.spec, dims={"V": len(chars), **parse_dims(a.dim)}, model=a.model,
+                     target=a.target)  # fmt: skip
+    meta = {"model": m.graph.graph["model"], "task": "text", "chars": chars}
+    s = load_checkpoint(a.checkpoint, m, np.float64, meta).on(m.xp)
+    print(generate(m, s.params, chars, a.generate, a.prime, a.temperature, a.seed))
     return 0
 
 
@@ -434,6 +549,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         a = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    code = run_command(a)
+    if code not in (0, 130, 143) and "mpi4py.MPI" in sys.modules:
+        from .parallel import world
+
+        sys.stderr.flush()
+        world().abort(code)  # under mpiexec: the other processes must not wait for this one
+    return code
+
+
+def run_command(a) -> int:
     try:
         return COMMANDS[a.command](a)
     except UsageError as e:

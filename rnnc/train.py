@@ -1,6 +1,13 @@
-"""Training (`rnnc run SPEC --train`): batches from a built-in task or an .npz, Adam or SGD
-with momentum, a learning-rate schedule, global-norm clipping, truncated BPTT over streams,
-atomic checkpoints with exact resume, a progress bar, a JSON-lines log and a loss plot."""
+"""Training as a library: optimizers (Adam, AdamW, SGD with momentum) and schedules as objects,
+data sources (built-in tasks, arrays, any iterator of batches), global-norm clipping, atomic
+checkpoints with exact resume, JSON-lines metrics, a progress bar, callbacks, and data-parallel
+training over MPI (one Allreduce of one flat buffer per step). `rnnc run --train` is a thin
+layer over `Trainer`; so is a user's own loop:
+
+    m = rnnc.compile("specs/lstm.rnn", dims={"H": 64})
+    data = rnnc.train.Arrays(m, inputs, targets, batch=32)
+    history = rnnc.train.Trainer(m, data, rnnc.train.Adam(lr=3e-3), steps=500).fit()
+"""
 
 from __future__ import annotations
 
@@ -12,25 +19,21 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 
 from . import tasks
-from .compiler import Model, compile_spec, parse_dims
-from .data import check_data, load_params
+from .compiler import Model
+from .data import check_data
 from .errors import RnncError, UsageError
 from .files import atomic_write, load_npz, on_host, save_npz
 from .memory import estimate, require_memory
+from .parallel import Single, sharded
 
-REBER_STEPS = 60  # embedded Reber strings are rarely longer (the memory estimate's length)
-DEFAULTS = {  # task: (sequence length, steps, learning rate, batch)
-    "adding": (50, 1200, 1e-2, 64),
-    "copy": (20, 2000, 3e-3, 32),
-    "reber": (0, 1500, 1e-2, 32),
-    "text": (64, 600, 3e-3, 32),
-    "npz": (0, 500, 1e-3, 32),
-}
+Batch = tuple[dict, dict, dict | None]  # inputs, targets, lengths
 
 
 @dataclass
@@ -43,7 +46,7 @@ class State:
     step: int = 0
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
     offset: int = 0  # position in a text stream (truncated BPTT)
-    carry: dict[str, np.ndarray] | None = None
+    carry: dict[str, np.ndarray] | None = None  # the whole batch's, on every rank
 
     def on(self, xp) -> State:
         """The same state with its arrays in `xp`'s memory (cupy: on the device)."""
@@ -52,12 +55,75 @@ class State:
                      self.offset, move(self.carry))  # fmt: skip
 
 
-def lr_at(a, step: int, total: int) -> float:
-    if a.schedule == "cosine":
-        return a.lr * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
-    if a.schedule == "step":
-        return a.lr * (0.1 ** (step // max(total // 3, 1)))
-    return a.lr
+# ----- optimizers and schedules -----
+
+
+@dataclass
+class Adam:
+    """Adam (Kingma & Ba 2015) with bias correction; weight_decay > 0 makes it AdamW
+    (Loshchilov & Hutter 2019: the decay is applied to the weights, not the gradient)."""
+
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return "adamw" if self.weight_decay else "adam"
+
+    def update(self, s: State, grads: dict, lr: float) -> None:
+        """One step on s.params in place (s.step counts it; m and v are the moments)."""
+        s.step += 1
+        for k, p in s.params.items():
+            g = grads[k].astype(p.dtype)
+            if self.weight_decay:
+                p -= (lr * self.weight_decay) * p
+            s.m[k] = self.beta1 * s.m[k] + (1 - self.beta1) * g
+            s.v[k] = self.beta2 * s.v[k] + (1 - self.beta2) * g * g
+            mh = s.m[k] / (1 - self.beta1**s.step)
+            vh = s.v[k] / (1 - self.beta2**s.step)
+            p -= (lr * mh / (np.sqrt(vh) + self.eps)).astype(p.dtype)
+
+
+@dataclass
+class SGD:
+    """SGD with (heavy-ball) momentum; m holds the velocity."""
+
+    lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    name: str = "sgd"
+
+    def update(self, s: State, grads: dict, lr: float) -> None:
+        s.step += 1
+        for k, p in s.params.items():
+            g = grads[k].astype(p.dtype)
+            if self.weight_decay:
+                g = g + self.weight_decay * p
+            s.m[k] = self.momentum * s.m[k] + g
+            p -= lr * s.m[k]
+
+
+def constant(step: int, total: int) -> float:
+    """The learning rate's factor at `step` of `total`: 1 throughout."""
+    return 1.0
+
+
+def cosine(step: int, total: int) -> float:
+    """Half a cosine from 1 down to 0 over the run."""
+    return 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+
+
+def step_decay(step: int, total: int) -> float:
+    """0.1 times less after each third of the run."""
+    return 0.1 ** (step // max(total // 3, 1))
+
+
+SCHEDULES: dict[str, Callable[[int, int], float]] = {
+    "constant": constant, "cosine": cosine, "step": step_decay,
+}  # fmt: skip
 
 
 def clip(grads: dict[str, np.ndarray], limit: float) -> float:
@@ -70,33 +136,11 @@ def clip(grads: dict[str, np.ndarray], limit: float) -> float:
     return norm
 
 
-def update(s: State, grads: dict[str, np.ndarray], lr: float, a) -> None:
-    s.step += 1
-    for k, p in s.params.items():
-        g = grads[k].astype(p.dtype)
-        if a.optimizer == "sgd":
-            s.m[k] = a.momentum * s.m[k] + g
-            p -= lr * s.m[k]
-        else:  # Adam (Kingma & Ba 2015) with bias correction
-            s.m[k] = 0.9 * s.m[k] + 0.1 * g
-            s.v[k] = 0.999 * s.v[k] + 0.001 * g * g
-            mh = s.m[k] / (1 - 0.9**s.step)
-            vh = s.v[k] / (1 - 0.999**s.step)
-            p -= (lr * mh / (np.sqrt(vh) + 1e-8)).astype(p.dtype)
-
-
 # ----- checkpoints -----
 
-# the settings a checkpoint records; resuming with other values is refused unless --override
-SETTINGS = ("task", "optimizer", "lr", "batch", "seq_len", "schedule", "momentum", "clip", "float64")
-
-
-def settings_of(a, src) -> dict:
-    out = {"task": src.task, "optimizer": a.optimizer, "lr": a.lr, "batch": a.batch,
-           "seq_len": src.T, "schedule": a.schedule, "clip": a.clip, "float64": bool(a.float64)}  # fmt: skip
-    if a.optimizer == "sgd":
-        out["momentum"] = a.momentum
-    return out
+# the settings a checkpoint records; resuming with other values is refused unless overridden
+SETTINGS = ("task", "optimizer", "lr", "batch", "seq_len", "schedule", "momentum", "weight_decay",
+            "clip", "float64")  # fmt: skip
 
 
 def save_checkpoint(path: str, s: State, meta: dict) -> None:
@@ -237,62 +281,55 @@ def load_carry(arrays: dict, m: Model, path: str, dtype, settings: dict | None):
 # ----- data -----
 
 
-class Source:
-    """Training and validation batches for one task, from the run's random generator."""
+class Task:
+    """A built-in task (adding, copy, reber, text): fresh batches from the run's generator."""
 
-    def __init__(self, a, m: Model):
-        self.m_inputs, self.m_targets = m.inputs, m.targets
-        self.task = a.task or ("npz" if a.data else None)
-        if self.task not in DEFAULTS:
-            raise UsageError(
-                "--train needs --task adding|copy|reber|text, or --data FILE.npz", code="E501"
-            )
-        T, _, _, _ = DEFAULTS[self.task]
-        self.T = a.seq_len or T
-        self.B = a.batch
+    DEFAULTS: ClassVar[dict[str, tuple[int, int, float]]] = {  # task: (T, steps, learning rate)
+        "adding": (50, 1200, 1e-2), "copy": (20, 2000, 3e-3), "reber": (0, 1500, 1e-2),
+        "text": (64, 600, 3e-3),
+    }  # fmt: skip
+    REBER_STEPS = 60  # embedded Reber strings are rarely longer (the memory estimate's length)
+
+    def __init__(self, name: str, batch: int = 32, seq_len: int | None = None,
+                 text: str | None = None):  # fmt: skip
+        if name not in self.DEFAULTS:
+            raise UsageError(f"no task '{name}': adding, copy, reber or text", code="E501")
+        self.name, self.B = name, batch
+        self.T = seq_len or self.DEFAULTS[name][0]
         self.text = None
-        if self.task == "text":
-            raw = read_text(a.text) if a.text else tasks.default_text()
-            self.text = tasks.Text(raw)
+        if name == "text":
+            self.text = tasks.Text(text if text is not None else tasks.default_text())
             need = text_needs(self.T, self.B)
             if len(self.text.ids) < need:
                 raise UsageError(
-                    f"--text {a.text} has {len(self.text.ids):,d} characters; --seq-len {self.T} "
-                    f"at --batch {self.B} needs at least {need:,d} (95% to train on, 5% to validate)",
+                    f"the text has {len(self.text.ids):,d} characters; --seq-len {self.T} at "
+                    f"--batch {self.B} needs at least {need:,d} (95% to train on, 5% to validate)",
                     hint="a longer text, or a smaller --seq-len or --batch",
                     code="E501",
                 )
-        if self.task == "npz":
-            if not a.data:
-                raise UsageError("--task npz needs --data FILE.npz", code="E501")
-            arrays = load_npz(a.data, "data file")
-            dtype = np.float64 if a.float64 else np.float32
-            self.inputs, self.targets, self.lengths = check_data(arrays, m, a.data, dtype)
-            self.n = batch_size(self.inputs, m.inputs)
+
+    def dims(self) -> dict[str, int]:
+        """Dims the task fixes: the vocabulary of the text, the symbols of copy and Reber."""
+        return {"text": {"V": self.text.vocab} if self.text else {}, "copy": {"V": tasks.COPY_SYMBOLS + 2},
+                "reber": {"V": len(tasks.REBER)}}.get(self.name, {})  # fmt: skip
 
     def longest(self) -> int:
-        """The most steps one batch will have (for the memory estimate)."""
-        if self.task == "npz":
-            return max((v.shape[0] for k, v in self.inputs.items() if self.m_inputs[k][1] != "static"),
-                       default=1)  # fmt: skip
-        return self.T if self.task != "reber" else REBER_STEPS
+        return self.T if self.name != "reber" else self.REBER_STEPS
 
-    def batch(self, rng, s: State | None = None):
-        if self.task == "adding":
+    def batch(self, rng, s: State | None = None) -> Batch:
+        if self.name == "adding":
             return tasks.adding_batch(rng, self.T, self.B)
-        if self.task == "copy":
+        if self.name == "copy":
             return tasks.copy_batch(rng, self.T, self.B)
-        if self.task == "reber":
+        if self.name == "reber":
             ins, tgs, L = tasks.reber_batch(rng, self.B)
             return ins, tgs, {"x": L}
-        if self.task == "text":
-            return self.text_batch(rng, s)
-        idx = rng.choice(self.n, min(self.B, self.n), replace=False)
-        pick = lambda d, t: {k: v[:, idx] if t[k][1] != "static" else v[idx] for k, v in d.items()}  # noqa: E731
-        L = {k: v[idx] for k, v in self.lengths.items()} if self.lengths else None
-        return pick(self.inputs, self.m_inputs), pick(self.targets, self.m_targets), L
+        return self.text_batch(rng, s)
 
-    def text_batch(self, rng, s: State | None):
+    def validation(self, rng) -> Batch:
+        return self.batch(rng, None)
+
+    def text_batch(self, rng, s: State | None) -> Batch:
         assert self.text is not None
         ids, T, B = self.text.ids, self.T, self.B
         if s is None:  # validation: the last 5% of the text
@@ -319,200 +356,76 @@ def text_needs(T: int, B: int) -> int:
     return n
 
 
-def read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except OSError as e:
-        raise RnncError(f"cannot read {path}: {e.strerror or e}", code="E500") from None
-    if not text:
-        raise UsageError(f"--text {path} is empty", code="E501")
-    return text
+class Arrays:
+    """Batches drawn without replacement from arrays shaped like a data file's (checked
+    against the model); `validation` is a fixed batch (by default a random one of them)."""
+
+    name = "npz"
+
+    def __init__(self, m: Model, inputs: dict, targets: dict, lengths: dict | None = None,
+                 batch: int = 32, validation: Batch | None = None, dtype=np.float32,
+                 source: str = "arrays"):  # fmt: skip
+        arrays = {**inputs, **targets, **{f"{k}.lengths": v for k, v in (lengths or {}).items()}}
+        self.inputs, self.targets, self.lengths = check_data(arrays, m, source, dtype)
+        self.table = {**m.inputs, **m.targets}
+        first = next(iter(self.inputs))
+        self.n = self.inputs[first].shape[1 if self.table[first][1] != "static" else 0]
+        self.B = min(batch, self.n)
+        self.fixed = validation
+
+    def longest(self) -> int:
+        return max((v.shape[0] for k, v in self.inputs.items() if self.table[k][1] != "static"),
+                   default=1)  # fmt: skip
+
+    def batch(self, rng, s: State | None = None) -> Batch:
+        idx = rng.choice(self.n, self.B, replace=False)
+        pick = lambda d: {k: v[:, idx] if self.table[k][1] != "static" else v[idx] for k, v in d.items()}  # noqa: E731
+        L = {k: v[idx] for k, v in self.lengths.items()} if self.lengths else None
+        return pick(self.inputs), pick(self.targets), L
+
+    def validation(self, rng) -> Batch:
+        return self.fixed if self.fixed is not None else self.batch(rng)
 
 
-def batch_size(arrays, table) -> int:
-    k, v = next(iter(arrays.items()))
-    return v.shape[1] if table[k][1] != "static" else v.shape[0]
+class Batches:
+    """Any iterable of (inputs, targets, lengths or None) batches, used in order; the
+    validation batch is given or the first one. A run needs as many batches as steps."""
+
+    name = "batches"
+
+    def __init__(self, batches: Iterable[Batch], validation: Batch | None = None):
+        self.it: Iterator[Batch] = iter(batches)
+        self.first = validation if validation is not None else next(self.it, None)
+        if self.first is None:
+            raise RnncError("the iterable of batches is empty", code="E530")
+        self.pending = [] if validation is not None else [self.first]
+        ins = self.first[0]
+        arr = next(iter(ins.values()))
+        self.B = arr.shape[1] if arr.ndim >= 2 else arr.shape[0]
+
+    def longest(self) -> int:
+        return max((v.shape[0] for v in self.first[0].values() if v.ndim >= 2), default=1)
+
+    def batch(self, rng, s: State | None = None) -> Batch:
+        if self.pending:
+            return self.pending.pop()
+        b = next(self.it, None)
+        if b is None:
+            raise RnncError("the batches ran out before the last step", code="E530")
+        return b
+
+    def validation(self, rng) -> Batch:
+        return self.first
 
 
-def task_dims(a, m_probe: Model | None = None) -> dict[str, int]:
-    """Dims a task fixes (the vocabulary of the text, the symbols of copy and Reber)."""
-    if a.task == "text":
-        raw = read_text(a.text) if a.text else tasks.default_text()
-        return {"V": tasks.Text(raw).vocab}
-    if a.task == "copy":
-        return {"V": tasks.COPY_SYMBOLS + 2}
-    if a.task == "reber":
-        return {"V": len(tasks.REBER)}
-    return {}
-
-
-# ----- the loop -----
-
-
-def run_training(a) -> int:
-    if a.generate is not None:
-        return run_generate(a)
-    if a.plot:
-        require_matplotlib()  # before the run, not after it
-    if a.resume and a.params:
-        raise UsageError("--resume continues a checkpoint; --params starts from a params file: "
-                         "give one of them", code="E501")  # fmt: skip
-    if a.resume and (not a.checkpoint or not os.path.exists(a.checkpoint)):
-        raise UsageError("--resume needs an existing --checkpoint file", code="E501")
-    dims = {**task_dims(a), **parse_dims(a.dim)}
-    m = compile_spec(a.spec, dims=dims, model=a.model, target=a.target)
-    if m.grad_graph is None:
-        from .check import require_loss
-
-        require_loss(m.graph)
-    src = Source(a, m)
-    _, steps0, lr0, _ = DEFAULTS[src.task]
-    a.steps = a.steps or steps0
-    a.lr = a.lr or lr0
-    dtype = np.float64 if a.float64 else np.float32
-    require_memory(estimate(m, src.longest(), src.B, dtype, training=True).total,
-                   f"training {m.graph.graph['model']} at --batch {src.B} over {src.longest():,d} steps")  # fmt: skip
-    if not a.output and not a.checkpoint:
-        print("rnnc: note: the trained parameters are not saved; add -o params.npz "
-              "(or --checkpoint ck.npz) to keep them", file=sys.stderr)  # fmt: skip
-    meta = {"model": m.graph.graph["model"], "task": src.task, "settings": settings_of(a, src)}
-    if src.text is not None:
-        meta["chars"] = src.text.chars
-    if a.resume:
-        s = load_checkpoint(a.checkpoint, m, dtype, meta, meta["settings"], a.override).on(m.xp)
-    else:
-        params = load_params(a.params, m, dtype) if a.params else m.init_params(a.seed, dtype)
-        params = {k: m.xp.asarray(v) for k, v in params.items()}  # on the device for cupy
-        zeros = lambda: {k: m.xp.zeros_like(v) for k, v in params.items()}  # noqa: E731
-        s = State(params, zeros(), zeros(), 0, np.random.default_rng(a.seed))
-    val_rng = np.random.default_rng(10_000 + a.seed)
-    val = src.batch(val_rng, None)
-    check_batch(m, val, src.task)
-    with stop_requests() as stop:
-        history, tokens, elapsed = train_loop(a, m, src, s, val, meta, dtype, stop)
-    vals = [v for _, _, v in history if v is not None]
-    final = vals[-1] if vals else float("nan")
-    if stop.signal:
-        print(f"rnnc: stopped by {signal.Signals(stop.signal).name} after step {s.step}",
-              file=sys.stderr)  # fmt: skip
-    else:
-        print(f"trained {m.graph.graph['model']} on {src.task}: {s.step} steps in {elapsed:.1f}s, "
-              f"{tokens / max(elapsed, 1e-9):,.0f} tokens/s; validation loss {final:.4f}")  # fmt: skip
-        if src.task == "adding":
-            print(f"  (predicting 1 always scores 0.167; this model scores {final:.4f})")
-        if src.task == "text":
-            print(f"  {final / src.T / math.log(2):.3f} bits per character on held-out text")
-    if stop.signal and a.checkpoint:
-        save_checkpoint(a.checkpoint, s, meta)
-        print(f"wrote {a.checkpoint} (step {s.step}; continue with --resume)", file=sys.stderr)
-    if a.plot and not stop.signal:
-        plot(history, a.plot)
-    if a.output:
-        save_npz(a.output, {f"param/{k}": v for k, v in s.params.items()})
-        print(f"wrote {a.output}", file=sys.stderr if stop.signal else sys.stdout)
-    return 128 + stop.signal if stop.signal else 0
-
-
-def train_loop(a, m: Model, src: Source, s: State, val, meta: dict, dtype, stop: Stop):
-    """Steps until a.steps or a stop request (checked between steps, so the state is always
-    that after a whole step); (history, tokens, seconds)."""
-    tbptt = src.task == "text"
-    log = open(a.log, "a", encoding="utf-8") if a.log else None  # noqa: SIM115
-    history: list[tuple[int, float, float | None]] = []
-    bar = progress(a, s.step)
-    t_start, tokens = time.perf_counter(), 0
-
-    def validate() -> float:
-        vi, vt, vl = val
-        ins = {k: v.astype(dtype) for k, v in vi.items()}
-        return float(m.loss(s.params, ins, vt, lengths=vl)["loss"])
-
-    if s.step == 0:
-        first = validate()
-        history.append((0, first, first))
-        if log:
-            log.write(json.dumps({"step": 0, "loss": None, "val_loss": first}) + "\n")
-    try:
-        while s.step < a.steps and not stop.signal:
-            ins, tgs, L = src.batch(s.rng, s)
-            ins = {k: v.astype(dtype) for k, v in ins.items()}
-            if tbptt:
-                loss, grads, carry = m.loss_and_grads(s.params, ins, tgs, lengths=L, carry=s.carry,
-                                                      return_carry=True)  # fmt: skip
-                s.carry = {k: v.copy() for k, v in carry.items()}
-            else:
-                loss, grads = m.loss_and_grads(s.params, ins, tgs, lengths=L)
-            grads = {k: grads[k] for k in s.params}
-            if not np.isfinite(loss):
-                raise RnncError(
-                    f"the loss became {loss} at step {s.step}",
-                    hint="lower --lr, or keep --clip on (default 1.0)",
-                    code="E540",
-                )
-            norm = clip(grads, a.clip)
-            update(s, grads, lr_at(a, s.step, a.steps), a)
-            n_tok = int(L[next(iter(L))].sum()) if L else next(iter(ins.values())).shape[0] * src.B
-            tokens += n_tok
-            val_loss = None
-            if s.step % 50 == 0 or s.step == a.steps:
-                val_loss = validate()
-            history.append((s.step, float(loss), val_loss))
-            elapsed = time.perf_counter() - t_start
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", val=f"{val_loss:.4f}" if val_loss is not None else None,
-                                tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}")  # fmt: skip
-            if log:
-                log.write(json.dumps({"step": s.step, "loss": float(loss), "val_loss": val_loss,
-                                      "grad_norm": norm, "lr": lr_at(a, s.step - 1, a.steps),
-                                      "tokens_per_s": tokens / max(elapsed, 1e-9)}) + "\n")  # fmt: skip
-            if a.checkpoint and (s.step % a.checkpoint_every == 0 or s.step == a.steps):
-                save_checkpoint(a.checkpoint, s, meta)
-    finally:
-        if bar is not None:
-            bar.close()
-        if log:
-            log.close()
-    return history, tokens, time.perf_counter() - t_start
-
-
-class Stop:
-    """The first SIGINT or SIGTERM asks the run to stop after the step in progress (a final
-    checkpoint, then exit 128 + the signal); a second SIGINT stops at once."""
-
-    def __init__(self):
-        self.signal = 0
-
-    def handle(self, signum, frame) -> None:
-        if self.signal and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signum
-        print(f"\nrnnc: {signal.Signals(signum).name}: stopping after this step "
-              "(Ctrl-C again to stop now, saving nothing)", file=sys.stderr)  # fmt: skip
-
-
-@contextlib.contextmanager
-def stop_requests():
-    stop = Stop()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop  # signal handlers belong to the main thread; elsewhere the caller's apply
-        return
-    old = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-
-
-def check_batch(m: Model, batch, task: str) -> None:
+def check_fits(m: Model, batch: Batch, source: str) -> None:
+    """The model accepts the source's batches (inputs and targets of the right names and shapes)."""
     ins, tgs, _ = batch
     try:
-        check_data({**ins, **tgs}, m, f"task '{task}'")
+        check_data({**ins, **tgs}, m, f"{source}")
     except RnncError as e:
         raise RnncError(
-            f"this spec does not fit the {task} task: {e.message}",
+            f"this spec does not fit the {source} task: {e.message}",
             hint=f"the task gives inputs {fmt_table(ins)} and targets {fmt_table(tgs)}",
             code="E532",
         ) from None
@@ -522,12 +435,218 @@ def fmt_table(arrays) -> str:
     return ", ".join(f"{k}{list(v.shape)}" for k, v in arrays.items())
 
 
-def progress(a, start: int):
-    if a.quiet or (not sys.stderr.isatty() and os.environ.get("RNNC_PROGRESS") != "1"):
+# ----- the loop -----
+
+
+@dataclass
+class Record:
+    """One step's metrics, as the JSON-lines log writes them."""
+
+    step: int
+    loss: float | None
+    val_loss: float | None = None
+    grad_norm: float | None = None
+    lr: float | None = None
+    tokens_per_s: float | None = None
+
+
+class Trainer:
+    """Trains a compiled model: `fit()` runs until `steps` (or a stop request) and returns the
+    history of Records. `comm`: an MPI communicator for data-parallel training (each rank
+    computes its shard of every batch; rank 0 alone writes checkpoints, logs and the bar)."""
+
+    def __init__(self, model: Model, data, optimizer: Adam | SGD | None = None, *,
+                 steps: int = 1000, schedule: str | Callable[[int, int], float] = "constant",
+                 clip: float = 1.0, seed: int = 0, dtype=np.float32, params: dict | None = None,
+                 checkpoint: str | None = None, checkpoint_every: int = 100,
+                 resume: bool = False, override: bool = False, log: str | None = None,
+                 progress: bool = False, validate_every: int = 50,
+                 callbacks: Iterable[Callable[[Trainer, Record], Any]] = (), comm=None):  # fmt: skip
+        self.m, self.data = model, data
+        self.opt = optimizer or Adam()
+        self.steps, self.clip, self.dtype = steps, clip, dtype
+        self.schedule_name = schedule if isinstance(schedule, str) else getattr(schedule, "__name__", "custom")
+        self.schedule = SCHEDULES[schedule] if isinstance(schedule, str) else schedule
+        self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
+        self.log, self.bar_on, self.validate_every = log, progress, validate_every
+        self.callbacks = list(callbacks)
+        self.comm = comm if comm is not None else Single()
+        if self.comm.size > data.B:
+            raise RnncError(f"a batch of {data.B} cannot be shared by {self.comm.size} processes",
+                            hint="a batch at least as large as the number of processes",
+                            code="E561")  # fmt: skip
+        self.stop = False  # a callback may set it
+        self.signal = 0
+        if model.grad_graph is None:
+            from .check import require_loss
+
+            require_loss(model.graph)
+        require_memory(estimate(model, data.longest(), data.B, dtype, training=True).total,
+                       f"training {model.graph.graph['model']} at batch {data.B} over {data.longest():,d} steps")  # fmt: skip
+        self.meta = {"model": model.graph.graph["model"], "task": data.name,
+                     "settings": self.settings()}  # fmt: skip
+        if getattr(data, "text", None) is not None:
+            self.meta["chars"] = data.text.chars
+        if resume:
+            if not checkpoint or not os.path.exists(checkpoint):
+                raise UsageError("resuming needs an existing checkpoint file", code="E501")
+            self.s = load_checkpoint(checkpoint, model, dtype, self.meta, self.meta["settings"],
+                                     override).on(model.xp)  # fmt: skip
+        else:
+            p = params if params is not None else model.init_params(seed, dtype)
+            p = {k: model.xp.asarray(np.asarray(on_host(v), dtype)) for k, v in p.items()}
+            zeros = lambda: {k: model.xp.zeros_like(v) for k, v in p.items()}  # noqa: E731
+            self.s = State(p, zeros(), zeros(), 0, np.random.default_rng(seed))
+        self.val = data.validation(np.random.default_rng(10_000 + seed))
+        check_fits(model, self.val, data.name)
+        self.tbptt = getattr(data, "text", None) is not None
+
+    def settings(self) -> dict:
+        out = {"task": self.data.name, "optimizer": self.opt.name, "lr": self.opt.lr,
+               "batch": self.data.B, "seq_len": getattr(self.data, "T", None),
+               "schedule": self.schedule_name, "clip": self.clip,
+               "float64": np.dtype(self.dtype) == np.float64}  # fmt: skip
+        if isinstance(self.opt, SGD):
+            out["momentum"] = self.opt.momentum
+        if self.opt.weight_decay:
+            out["weight_decay"] = self.opt.weight_decay
+        return out
+
+    @property
+    def params(self) -> dict:
+        return self.s.params
+
+    @property
+    def lead(self) -> bool:
+        """This process writes files and prints (rank 0, or the only process)."""
+        return self.comm.rank == 0
+
+    def validate(self) -> float:
+        vi, vt, vl = self.val
+        ins = {k: np.asarray(v).astype(self.dtype) for k, v in vi.items()}
+        return float(self.m.loss(self.s.params, ins, vt, lengths=vl)["loss"])
+
+    def save(self) -> None:
+        if self.checkpoint and self.lead:
+            save_checkpoint(self.checkpoint, self.s, self.meta)
+
+    def step(self) -> Record:
+        """One update on the next batch: this rank's shard, gradients summed over ranks."""
+        s, m = self.s, self.m
+        ins, tgs, L = self.data.batch(s.rng, s)
+        B = batch_of(ins, m.inputs)
+        n_tok = int(L[next(iter(L))].sum()) if L else np.shape(next(iter(ins.values())))[0] * B
+        ins, tgs, L, share, rows = sharded(ins, tgs, L, {**m.inputs, **m.targets}, self.comm)
+        ins = {k: np.asarray(v).astype(self.dtype) for k, v in ins.items()}
+        if self.tbptt:
+            carry = None if s.carry is None else {k: v[:, rows] for k, v in s.carry.items()}
+            loss, grads, carry = m.loss_and_grads(s.params, ins, tgs, lengths=L, carry=carry,
+                                                  return_carry=True)  # fmt: skip
+            s.carry = self.comm.gather_rows({k: v.copy() for k, v in carry.items()}, B)
+        else:
+            loss, grads = m.loss_and_grads(s.params, ins, tgs, lengths=L)
+        grads = {k: grads[k] * share for k in s.params}  # this shard's part of the batch mean
+        loss, stop = self.comm.sum_grads(grads, float(loss) * share, float(bool(self.signal or self.stop)))
+        if stop:
+            self.stop = True
+        if not np.isfinite(loss):
+            raise RnncError(f"the loss became {loss} at step {s.step}",
+                            hint="lower the learning rate, or keep clipping on (default 1.0)",
+                            code="E540")  # fmt: skip
+        norm = clip(grads, self.clip)
+        lr = self.opt.lr * self.schedule(s.step, self.steps)
+        self.opt.update(s, grads, lr)
+        self.tokens += n_tok
+        return Record(s.step, loss, grad_norm=norm, lr=lr)
+
+    def fit(self) -> list[Record]:
+        """Train to `steps`; on SIGINT/SIGTERM stop after the step in progress and save."""
+        history: list[Record] = []
+        log = open(self.log, "a", encoding="utf-8") if self.log and self.lead else None  # noqa: SIM115
+        bar = progress_bar(self.steps, self.s.step) if self.bar_on and self.lead else None
+        t0, self.tokens = time.perf_counter(), 0
+        if self.s.step == 0:
+            first = self.validate() if self.lead else None
+            history.append(Record(0, None, first))
+            if log:
+                log.write(json.dumps({"step": 0, "loss": None, "val_loss": first}) + "\n")
+        try:
+            with stop_requests(self):
+                while self.s.step < self.steps and not self.stop:
+                    r = self.step()
+                    if self.lead and (r.step % self.validate_every == 0 or r.step == self.steps):
+                        r.val_loss = self.validate()
+                    r.tokens_per_s = self.tokens / max(time.perf_counter() - t0, 1e-9)
+                    history.append(r)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{r.loss:.4f}", tok_s=f"{r.tokens_per_s:,.0f}",
+                                        val=f"{r.val_loss:.4f}" if r.val_loss is not None else None)  # fmt: skip
+                    if log:
+                        log.write(json.dumps(vars(r)) + "\n")
+                    for cb in self.callbacks:
+                        cb(self, r)
+                    if r.step % self.checkpoint_every == 0 or r.step == self.steps:
+                        self.save()
+        except BaseException as e:
+            if self.comm.size > 1:  # the other ranks would wait in the next Allreduce forever
+                print(f"rnnc: process {self.comm.rank} of {self.comm.size} failed "
+                      f"({type(e).__name__}: {e}); stopping all of them", file=sys.stderr)  # fmt: skip
+                sys.stderr.flush()
+                self.comm.abort(1)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            if log:
+                log.close()
+        self.seconds = time.perf_counter() - t0
+        if self.stop and self.s.step % self.checkpoint_every:
+            self.save()  # the step it stopped after
+        return history
+
+
+def batch_of(ins: dict, table: dict) -> int:
+    k, v = next(iter(ins.items()))
+    return np.shape(v)[1 if table[k][1] != "static" else 0]
+
+
+class Stopper:
+    """The first SIGINT or SIGTERM asks the run to stop after the step in progress; a second
+    SIGINT stops at once."""
+
+    def __init__(self, trainer: Trainer):
+        self.t = trainer
+
+    def __call__(self, signum, frame) -> None:
+        if self.t.signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.t.signal = signum
+        if self.t.lead:
+            print(f"\nrnnc: {signal.Signals(signum).name}: stopping after this step "
+                  "(Ctrl-C again to stop now, saving nothing)", file=sys.stderr)  # fmt: skip
+
+
+@contextlib.contextmanager
+def stop_requests(trainer: Trainer):
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread; elsewhere the caller's apply
+        return
+    handler = Stopper(trainer)
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def progress_bar(total: int, start: int):
+    if not sys.stderr.isatty() and os.environ.get("RNNC_PROGRESS") != "1":
         return None
     from tqdm import tqdm
 
-    return tqdm(total=a.steps, initial=start, unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
 
 def require_matplotlib():
@@ -546,12 +665,14 @@ def require_matplotlib():
     return plt
 
 
-def plot(history, path: str) -> None:
+def plot(history: list[Record], path: str) -> None:
+    """Training and validation loss against the step, as a PNG (atomically)."""
     plt = require_matplotlib()
-    steps = [s for s, _, _ in history]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [l for _, l, _ in history], lw=0.8, alpha=0.6, label="training")
-    vs = [(s, v) for s, _, v in history if v is not None]
+    train = [(r.step, r.loss) for r in history if r.loss is not None]
+    if train:
+        ax.plot(*zip(*train, strict=True), lw=0.8, alpha=0.6, label="training")
+    vs = [(r.step, r.val_loss) for r in history if r.val_loss is not None]
     if vs:
         ax.plot(*zip(*vs, strict=True), lw=2, label="validation")
     ax.set_xlabel("step")
@@ -565,7 +686,6 @@ def plot(history, path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     atomic_write(path, buf.getvalue())
-    print(f"wrote {path}")
 
 
 # ----- generation -----
@@ -587,22 +707,9 @@ def sampled_output(m: Model, name: str) -> str:
     )
 
 
-def run_generate(a) -> int:
-    """Sample a.generate steps from a trained character model through its generate rule."""
-    if not a.checkpoint or not os.path.exists(a.checkpoint):
-        raise UsageError("--generate needs --checkpoint FILE from a text training run", code="E501")
-    info = checkpoint_meta(load_npz(a.checkpoint, "checkpoint"), a.checkpoint)
-    if "chars" not in info:
-        raise RnncError(
-            f"{a.checkpoint} was not trained on text: it has no character set", code="E543"
-        )
-    chars = meta_field(info, "chars", a.checkpoint, list, ok=charset)
-    outside = sorted(set(a.prime) - set(chars))
-    if outside:
-        raise UsageError(f"--prime has characters the model was not trained on: "
-                         f"{''.join(outside)[:40]!r}", code="E501")  # fmt: skip
-    m = compile_spec(a.spec, dims={"V": len(chars), **parse_dims(a.dim)}, model=a.model,
-                     target=a.target)  # fmt: skip
+def generate(m: Model, params: dict, chars: list[str], n: int, prime: str = "",
+             temperature: float = 1.0, seed: int = 0) -> str:  # fmt: skip
+    """n characters sampled from a character model through its `generate` rule."""
     rules = m.graph.graph["generate"]
     if len(rules) != 1:
         raise RnncError(
@@ -610,21 +717,18 @@ def run_generate(a) -> int:
         )
     (x_name,) = rules
     o_name = sampled_output(m, x_name)
-    meta = {"model": m.graph.graph["model"], "task": "text", "chars": chars}
-    s = load_checkpoint(a.checkpoint, m, np.float64, meta).on(m.xp)
     index = {c: i for i, c in enumerate(chars)}
-    prime = [index[c] for c in (a.prime or ("\n" if "\n" in index else chars[-1]))]
-    rng = np.random.default_rng(a.seed)
+    start = [index[c] for c in (prime or ("\n" if "\n" in index else chars[-1]))]
+    rng = np.random.default_rng(seed)
     V = len(chars)
     carry, out = None, []
-    x = np.eye(V)[np.array(prime)][:, None, :]  # the prime, all at once
-    for _ in range(a.generate):
-        res, carry = m.forward(s.params, {x_name: x}, carry=carry, return_carry=True)
+    x = np.eye(V)[np.array(start)][:, None, :]  # the prime, all at once
+    for _ in range(n):
+        res, carry = m.forward(params, {x_name: x}, carry=carry, return_carry=True)
         p = on_host(res[o_name][-1, 0]).astype(np.float64)
-        logits = np.log(np.maximum(p, 1e-30)) / a.temperature
+        logits = np.log(np.maximum(p, 1e-30)) / temperature
         q = np.exp(logits - logits.max())
         nxt = int(rng.choice(V, p=q / q.sum()))
         out.append(nxt)
         x = np.eye(V)[[nxt]][:, None, :]
-    print((a.prime or "") + "".join(chars[i] if i else "?" for i in out))
-    return 0
+    return prime + "".join(chars[i] if i else "?" for i in out)

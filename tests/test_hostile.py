@@ -324,7 +324,7 @@ CASES = {
     "--prime outside the vocabulary": (generate_with_prime("the Z"), 2, "--prime has characters the model was not trained on: 'Z'"),
     # --- item 5: memory, checked before allocating (the limit is fixed at 8 GiB below) ---
     "--seq-len 1e7": (lambda d: ["run", RNN, "--train", "--task", "adding", "--seq-len", "1e7"], 1,
-                      "training adding_rnn at --batch 32 over 10,000,000 steps needs about"),
+                      "training adding_rnn at batch 32 over 10,000,000 steps needs about"),
     "T = 2e6 at B = 4 (LSTM, H=128)": (lambda d: ["run", spec("adding_lstm"), "--train", "--task", "adding", "--batch", "4",
                                                  "--seq-len", "2000000", "--dim", "H=128"], 1, "and this machine has 8.0 GiB free"),
     "--dim H=30000 (training)": (lambda d: ["run", ELMAN, "--train", "--task", "text", "--dim", "H=30000"], 1, "needs about"),
