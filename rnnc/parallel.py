@@ -5,6 +5,7 @@ every rank applies the same update. `Single` is the same interface for one proce
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -19,6 +20,7 @@ class Single:
     """One process: nothing to sum, nothing to gather."""
 
     rank, size = 0, 1
+    seconds = 0.0
 
     def sum_grads(self, grads: dict, loss: float, stop: float) -> tuple[float, bool]:
         return loss, bool(stop)
@@ -35,6 +37,7 @@ class Mpi:
 
     def __init__(self, comm):
         self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
+        self.seconds = 0.0  # spent in the all-reduce (waiting for the slowest rank included)
 
     def sum_grads(self, grads: dict, loss: float, stop: float) -> tuple[float, bool]:
         """grads summed over the ranks in place (one Allreduce: every gradient, then the loss
@@ -46,7 +49,9 @@ class Mpi:
         dtype = np.result_type(*(v.dtype for v in host.values()))
         flat = np.concatenate([*(host[k].ravel().astype(dtype) for k in keys),
                                np.array([loss, stop], dtype)])  # fmt: skip
+        t0 = time.perf_counter()
         self.comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+        self.seconds += time.perf_counter() - t0
         at = 0
         for k in keys:
             n = host[k].size
