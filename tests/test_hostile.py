@@ -265,6 +265,8 @@ CASES = {
     "no such array": (data_run(ELMAN, y=np.zeros((6, 3), np.int64)), 1, "no array named 'x'"),
     "lengths beyond T": (data_run(ELMAN, **elman_data(), **{"x.lengths": np.array([1, 2, 7])}),
                          1, "'x.lengths' must hold 3 whole numbers in 1..6"),
+    "lengths of 0": (data_run(ELMAN, **elman_data(), **{"x.lengths": np.array([0, 2, 6])}),
+                     1, "'x.lengths' must hold 3 whole numbers in 1..6"),
     "lengths of a domain that does not exist": (data_run(ELMAN, **elman_data(), **{"q.lengths": np.array([1, 2, 3])}),
                                                 1, "'q.lengths' names no sequence domain"),
     "an empty array": (data_run(ELMAN, x=np.zeros((0, 3, 27)), y=np.zeros((0, 3), np.int64)), 1, "'x' is empty"),
@@ -359,6 +361,31 @@ def test_a_zip_bomb_is_refused_by_size_before_loading(tmp_path, capsys):
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "unpacks 'x' from" in err and "a zip bomb?" in err
+
+
+@pytest.mark.parametrize("fill, code", [("zeros", 1), ("normal", 0)])
+def test_the_bomb_check_weighs_the_ratio_of_large_deflated_members(tmp_path, capsys, monkeypatch, fill, code):
+    """With the size threshold lowered to 1 MiB, 2.7 MB of deflated zeros (ratio ~1000) is a bomb;
+    2.7 MB of deflated random numbers (ratio ~1.07) is not."""
+    import rnnc.files
+
+    monkeypatch.setattr(rnnc.files, "BOMB_SIZE", 2**20)
+    data = elman_data(T=200, B=64)
+    if fill == "zeros":
+        data["x"] = np.zeros_like(data["x"])
+    path = str(tmp_path / "d.npz")
+    np.savez_compressed(path, **data)
+    assert main(["run", ELMAN, "--data", path]) == code
+    assert ("a zip bomb?" in capsys.readouterr().err) == (code == 1)
+
+
+def test_compressed_data_below_the_bomb_size_loads(tmp_path):
+    """np.savez_compressed of highly compressible data is a normal file, not a bomb."""
+    data = elman_data(T=200, B=64)
+    data["x"] = np.zeros_like(data["x"])
+    path = str(tmp_path / "d.npz")
+    np.savez_compressed(path, **data)
+    assert main(["run", ELMAN, "--data", path]) == 0
 
 
 def test_a_data_file_larger_than_memory_is_refused_before_loading(tmp_path, capsys, monkeypatch):
