@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from . import syntax as S
 from .errors import RnncError, Span
 from .graph import Graph, add_node, new_graph, operands, set_init
-from .ops import LOSSES, OPS, STATIC
+from .ops import BY_SPELLING, LOSSES, STATIC
 
 MERGES = ("concat", "sum", "mul", "avg")
 INITS = ("zeros", "constant", "uniform", "normal", "glorot", "xavier", "orthogonal")
@@ -254,13 +254,13 @@ class Elaborator:
                 hint = "t is only meaningful inside brackets: x[t-1]"
             raise self.error(f"'{n}' is not defined", span, hint=hint, code="E201")
         kind, what = scope.decls[n]
-        if kind == "dim":
-            raise self.error(
-                f"'{n}' is a dimension, not a value",
-                span,
-                hint="dimensions size params and inputs; use a const via a param instead",
-                code="E207",
-            )
+        if kind == "dim":  # a dimension read as a number (1 / H): its value, once shapes know it
+            if timed:
+                raise self.error(f"'{n}' is a dimension: it has no time steps to read", span,
+                                 hint=f"write {n} for its value", code="E207")  # fmt: skip
+            node = self.mk("const", [], span, value=0.0)
+            self.g.nodes[node]["dimconst"] = self.qdim(S.DName(n, span), scope)
+            return (node, 0)
         if timed and delay != 0 and kind in ("param",):
             raise self.error(
                 f"'{n}' is a parameter: it has no time steps to read",
@@ -303,9 +303,9 @@ class Elaborator:
             return self.loss(e, scope)
         if fn == "final":
             return self.final(e, scope)
-        op = OPS.get(fn)
-        if op is None or not op.user:
-            names = [n for n, o in OPS.items() if o.user] + list(LOSSES) + list(self.cells)
+        op = BY_SPELLING.get(fn)
+        if op is None:
+            names = list(BY_SPELLING) + list(LOSSES) + list(self.cells)
             close = difflib.get_close_matches(fn, names, 1)
             raise self.error(
                 f"unknown function '{fn}'",
@@ -331,7 +331,7 @@ class Elaborator:
             return (self.mk(fn, args, span, dom=None), 0)
         if fn == "onehot":
             attrs["n"] = 0
-        return (self.mk(fn, args, span, **attrs), 0)
+        return (self.mk(op.name, args, span, **attrs), 0)
 
     def loss(self, e: S.Call, scope: Scope) -> Ref:
         if len(e.args) != 2:

@@ -54,6 +54,50 @@ def step(x):
     return (x > 0).astype(x.dtype)
 
 
+def expand(s, n):
+    # a per-feature copy of a scalar: the adjoint of a reduction over the features (a scalar
+    # per step or per sequence comes with its trailing axis already; a model-wide one is 0-d)
+    s = np.asarray(s)
+    return np.repeat(s[..., None] if s.ndim == 0 else s, n, axis=-1)
+
+
+def max_mask(x):
+    # one-hot of the first largest feature, where the gradient of max goes (flat view: CuPy
+    # has no put_along_axis)
+    m = np.zeros_like(x)
+    flat = m.reshape(-1, m.shape[-1])
+    flat[np.arange(flat.shape[0]), x.reshape(-1, x.shape[-1]).argmax(axis=-1)] = 1
+    return m
+
+
+def min_mask(x):
+    return max_mask(-x)
+
+
+def layernorm(x, eps):
+    # (x - mean) / sqrt(var + eps) over the features; the variance in two passes (stable)
+    c = x - x.mean(axis=-1, keepdims=True)
+    return c / np.sqrt((c * c).mean(axis=-1, keepdims=True) + eps)
+
+
+def layernorm_d(g, y, x, eps):
+    # the adjoint of y = layernorm(x): (g - mean(g) - y * mean(g * y)) / sqrt(var + eps)
+    c = x - x.mean(axis=-1, keepdims=True)
+    r = 1 / np.sqrt((c * c).mean(axis=-1, keepdims=True) + eps)
+    return r * (g - g.mean(axis=-1, keepdims=True) - y * (g * y).mean(axis=-1, keepdims=True))
+
+
+def rmsnorm(x, eps):
+    # x / sqrt(mean(x^2) + eps) over the features
+    return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
+
+
+def rmsnorm_d(g, y, x, eps):
+    # the adjoint of y = rmsnorm(x): (g - y * mean(g * y)) / sqrt(mean(x^2) + eps)
+    r = 1 / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
+    return r * (g - y * (g * y).mean(axis=-1, keepdims=True))
+
+
 def elu(x, alpha):
     return np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0)))
 

@@ -63,6 +63,7 @@ class Op:
     # CuPy: a statement adding this op's value into {out} (a cuBLAS GEMM with beta = 1)
     accumulate: str | None = None
     attrs: dict[str, Any] = field(default_factory=dict)  # keyword arguments and defaults
+    spelling: str | None = None  # the name a spec calls it by, where it differs from the IR's
 
 
 OPS: dict[str, Op] = {}
@@ -121,6 +122,16 @@ def vector(s: Shape | None) -> Shape | None:
 
 def to_scalar(*shapes: Shape | None) -> Shape | None:
     return ()
+
+
+def over_features(s: Shape | None) -> Shape | None:
+    """A reduction over a vector's features: one number per step (or sequence)."""
+    vector(s)
+    return ()
+
+
+def expanded(s: Shape | None, n: int = 0) -> Shape | None:
+    return (n,)
 
 
 def matvec(w: Shape | None, x: Shape | None) -> Shape | None:
@@ -324,6 +335,24 @@ defop("leaky_d", 1, same, "np.where({0} > 0, 1, {alpha!r})",
       user=False, cuda="leaky_d_({0}, {alpha!r})")  # fmt: skip
 defop("hard_sigmoid_d", 1, same, "0.2 * (np.abs({0}) < 2.5)",
       user=False, cuda="hard_sigmoid_d_({0})")  # fmt: skip
+defop("sqrt", 1, same, "np.sqrt({0})", vjp=lambda g, y, x: [g * 0.5 / y], domain="positive",
+      cuda="sqrt({0})")  # fmt: skip
+defop("rsqrt", 1, same, "1 / np.sqrt({0})", prec=2, vjp=lambda g, y, x: [g * (y * y * y) * -0.5],
+      domain="positive", cuda="R(1) / sqrt({0})")  # fmt: skip
+defop("abs", 1, same, "np.abs({0})", vjp=lambda g, y, x: [g * x.op("sign")], smooth=False,
+      cuda="fabs({0})")  # fmt: skip
+defop("sign", 1, same, "np.sign({0})", user=False, cuda="sign_({0})")  # only in gradients (abs)
+defop("square", 1, same, "np.square({0})", vjp=lambda g, y, x: [g * x * 2.0], cuda="{0} * {0}")
+# minimum/maximum: at a tie the gradient goes to the second operand
+defop("minimum", 2, same, "np.minimum({0}, {1})", smooth=False,
+      vjp=lambda g, y, a, b: [g * (b - a).op("step"), g * (1.0 - (b - a).op("step"))],
+      cuda="fmin({0}, {1})")  # fmt: skip
+defop("maximum", 2, same, "np.maximum({0}, {1})", smooth=False,
+      vjp=lambda g, y, a, b: [g * (a - b).op("step"), g * (1.0 - (a - b).op("step"))],
+      cuda="fmax({0}, {1})")  # fmt: skip
+# clip(x, lo, hi) = minimum(maximum(x, lo), hi); lo and hi may be numbers or values
+defop("clip", 3, same, "np.clip({0}, {1}, {2})", smooth=False, vjp=lambda g, y, x, lo, hi: clip_vjp(g, y, x, lo, hi),
+      cuda="fmin(fmax({0}, {1}), {2})")  # fmt: skip
 
 # The device functions the cuda templates call. `real` is float or double (a typedef put in
 # front by the generated module); constants are cast so float kernels stay in float.
@@ -344,6 +373,7 @@ __device__ __forceinline__ real hard_sigmoid_(real x) {
   return y < R(0) ? R(0) : (y > R(1) ? R(1) : y);
 }
 __device__ __forceinline__ real step_(real x) { return x > R(0) ? R(1) : R(0); }
+__device__ __forceinline__ real sign_(real x) { return x > R(0) ? R(1) : (x < R(0) ? R(-1) : x); }
 __device__ __forceinline__ real elu_d_(real x, real a) { return x > R(0) ? R(1) : a * exp(x); }
 __device__ __forceinline__ real leaky_d_(real x, real a) { return x > R(0) ? R(1) : a; }
 __device__ __forceinline__ real hard_sigmoid_d_(real x) { return fabs(x) < R(2.5) ? R(0.2) : R(0); }
@@ -355,9 +385,27 @@ defop("softmax", 1, vector, "softmax({0})",
       vjp=lambda g, y, x: [y * (g - (g * y).op("sum_f"))])  # fmt: skip
 defop("log_softmax", 1, vector, "log_softmax({0})",
       vjp=lambda g, y, x: [g - y.op("exp") * g.op("sum_f")])  # fmt: skip
-defop(
-    "sum_f", 1, to_scalar, "{0}.sum(axis=-1)", slots=(9,), user=False
-)  # only in gradients (softmax)
+# reductions over the features keep the level: one number per step (or per sequence, or model)
+defop("sum_f", 1, over_features, "{0}.sum(axis=-1)", slots=(9,), spelling="sum",
+      vjp=lambda g, y, x: [g.op("expand", n=x.shape[-1])])  # fmt: skip
+defop("mean", 1, over_features, "{0}.mean(axis=-1)", slots=(9,),
+      vjp=lambda g, y, x: [(g * (1.0 / x.shape[-1])).op("expand", n=x.shape[-1])])  # fmt: skip
+defop("var", 1, over_features, "{0}.var(axis=-1)", slots=(9,),  # NumPy's var: two passes
+      vjp=lambda g, y, x: [(x - x.op("mean")) * (g * (2.0 / x.shape[-1])).op("expand", n=x.shape[-1])])  # fmt: skip
+defop("max", 1, over_features, "{0}.max(axis=-1)", slots=(9,), smooth=False,
+      vjp=lambda g, y, x: [g.op("expand", n=x.shape[-1]) * x.op("max_mask")])  # fmt: skip
+defop("min", 1, over_features, "{0}.min(axis=-1)", slots=(9,), smooth=False,
+      vjp=lambda g, y, x: [g.op("expand", n=x.shape[-1]) * x.op("min_mask")])  # fmt: skip
+defop("expand", 1, expanded, "expand({0}, {n})", user=False)  # only in gradients (reductions)
+defop("max_mask", 1, same, "max_mask({0})", user=False)  # only in gradients (max)
+defop("min_mask", 1, same, "min_mask({0})", user=False)  # only in gradients (min)
+# normalization over the features, each with one fused adjoint; gain and bias as the spec writes
+defop("layernorm", 1, vector, "layernorm({0}, {eps!r})", attrs={"eps": 1e-5},
+      vjp=lambda g, y, x, eps: [g.op("layernorm_d", y, x, eps=eps)])  # fmt: skip
+defop("layernorm_d", 3, first_shape, "layernorm_d({0}, {1}, {2}, {eps!r})", user=False)
+defop("rmsnorm", 1, vector, "rmsnorm({0}, {eps!r})", attrs={"eps": 1e-5},
+      vjp=lambda g, y, x, eps: [g.op("rmsnorm_d", y, x, eps=eps)])  # fmt: skip
+defop("rmsnorm_d", 3, first_shape, "rmsnorm_d({0}, {1}, {2}, {eps!r})", user=False)
 defop("concat", None, concat_shape, "np.concatenate(({args},), axis={axis})", attrs={"axis": -1},
       vjp=lambda g, y, *xs, axis=-1: concat_vjp(g, xs, axis))  # fmt: skip
 defop("slice", 1, slice_shape, "{0}[..., {start}:{stop}]", slots=(9,), user=False, attrs={"axis": -1},
@@ -368,6 +416,12 @@ defop("slice_rows", 1, lambda s, start=0, stop=0, axis=-2: slice_shape(s, start,
 defop("pad", 1, pad_shape, "pad({0}, {start}, {n}, {axis})", user=False,
       vjp=lambda g, y, x, start, n, axis: [g.op("slice" if axis == -1 else "slice_rows",
                                                start=start, stop=start + x.shape[axis])])  # fmt: skip
+
+
+def clip_vjp(g, y, x, lo, hi):
+    """y = minimum(maximum(x, lo), hi), as np.clip (so hi wins where lo > hi)."""
+    above_lo, below_hi = (x - lo).op("step"), (hi - y).op("step")
+    return [g * above_lo * below_hi, g * (1.0 - above_lo) * below_hi, g * (1.0 - below_hi)]
 
 
 def concat_vjp(g, xs, axis):
@@ -466,7 +520,8 @@ defop("onehot", 1, vector, "onehot({0}, {n}, {dt})")
 # Op names a spec may call, and the losses elaborate.py expands.
 LOSSES = ("cross_entropy", "mse")
 TIME_FUNCS = ("last", "first", "final", "pairs")
-USER_OPS = sorted(n for n, op in OPS.items() if op.user and op.kind != "leaf") + list(LOSSES)
+BY_SPELLING = {op.spelling or n: op for n, op in OPS.items() if op.user and op.kind != "leaf"}
+USER_OPS = sorted(BY_SPELLING) + list(LOSSES)
 
 
 # ----- Rendering a template (the interpreter and lower.py share it) -----

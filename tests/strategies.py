@@ -7,6 +7,21 @@ from hypothesis import strategies as st
 from rnnc import syntax as S
 
 UNARY = ["tanh", "sigmoid", "softplus", "identity", "elu", "leaky_relu"]
+
+
+def over_features(e: S.Expr, form: int) -> S.Expr:
+    """e under one of the feature-wise forms (issue 12): normalizations, reductions that
+    broadcast back, roots, and a dimension read as a number."""
+    call = lambda f, *a: S.Call(f, a)  # noqa: E731
+    one = S.Num(1.0)
+    return [
+        call("layernorm", e),
+        call("rmsnorm", e),
+        S.BinOp("-", e, call("mean", e)),
+        S.BinOp("*", e, call("rsqrt", S.BinOp("+", call("var", e), one))),
+        S.BinOp("/", e, call("sqrt", S.BinOp("+", one, call("square", e)))),
+        S.BinOp("+", e, S.BinOp("/", call("sum", e), S.Name("H"))),
+    ][form]
 NAMES = st.sampled_from(["a", "b", "c", "h", "g", "q", "z", "u", "v", "w1"])
 
 
@@ -120,9 +135,11 @@ def cells(draw, allow_lengths=True):
         if draw(st.booleans()):
             e = S.BinOp(draw(st.sampled_from("+-*")), e, operand(i))
         for _ in range(draw(st.integers(1, 3))):
-            kind = draw(st.sampled_from(["unary", "binary", "binary", "gate"]))
+            kind = draw(st.sampled_from(["unary", "binary", "binary", "gate", "features"]))
             if kind == "unary":
                 e = S.Call(draw(st.sampled_from(UNARY)), (e,))
+            elif kind == "features":
+                e = over_features(e, draw(st.integers(0, 5)))
             elif kind == "binary":
                 e = S.BinOp(draw(st.sampled_from("+-*")), e, operand(i))
             else:  # a gated mix, as in GRU and LSTM

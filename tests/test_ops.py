@@ -66,7 +66,7 @@ def build(name):
         g.nodes[n]["shape"], g.nodes[n]["level"] = shape, lv
         g.nodes[n]["classes"] = op.labels and i == 1
         leaves.append(n)
-    out = add_op(g, name, [(n, 0) for n in leaves], **ATTRS.get(name, {}))
+    out = add_op(g, name, [(n, 0) for n in leaves], **{**op.attrs, **ATTRS.get(name, {})})
     return g, leaves, out
 
 

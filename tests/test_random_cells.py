@@ -43,7 +43,9 @@ def test_random_cell_gradients(case):
         num, idx = finite_diff(m, params, inputs, targets, name, L=L, entries=entries)
         ana = np.asarray(grads[name]).reshape(-1)[idx]
         # central differences carry round-off of about |loss| * 1e-16 / eps = |loss| * 1e-10
-        scale = max(np.linalg.norm(num), np.linalg.norm(ana), 1e-4 * abs(loss))
+        # per entry; the floor keeps the tolerance 10x above it (a normalized cell whose
+        # gradients are ~1e-5 once sat exactly at 1x)
+        scale = max(np.linalg.norm(num), np.linalg.norm(ana), 1e-3 * abs(loss))
         assert np.linalg.norm(ana - num) / scale < 1e-6, name
 
 
