@@ -526,6 +526,10 @@ class Elaborator:
         self.fuse_softmax_losses()
 
     def wire_init(self, d: DirInstance, init: S.Expr, scope: Scope, span: Span) -> None:
+        if isinstance(init, S.Name) and init.name == "learned" and "learned" not in scope.decls:
+            for s in self.states_of(d):
+                set_init(self.g, s, self.learned_init(d, s, span))
+            return
         is_final = isinstance(init, S.Call) and init.fn == "final"
         src = self.instances.get(scope.qualify(init.args[0].name)) if is_final and init.args and \
             isinstance(init.args[0], S.Name) else None  # fmt: skip
@@ -558,6 +562,17 @@ class Elaborator:
                 )
             fin = self.final_of(src_d, (src_states[local], 0), span)
             set_init(self.g, s, fin)
+
+    def learned_init(self, d: DirInstance, state: int, span: Span) -> int:
+        """init=learned: a param `<state>0` (zeros at first) shaped like the state, e.g. h.l2.bwd.c0."""
+        name = self.g.nodes[state]["name"] + "0"
+        if name in self.g.graph["params"]:
+            raise self.error(f"init=learned: the param '{name}' is already declared", span,
+                             hint="rename that param", code="E402")  # fmt: skip
+        n = add_node(self.g, "param", (), name, span, name=name)
+        self.g.nodes[n].update(declared=None, init=None, scope=d.prefix, like=state)
+        self.g.graph["params"][name] = n
+        return n
 
     def resolve_pending(self) -> None:
         for node, pos, name, delay, scope, _span in self.pending:

@@ -287,7 +287,14 @@ class ShapeSolver:
         if op.kind == "leaf":
             if d["op"] == "state_init":
                 return None  # takes the shape of its state (set in finish)
+            if "like" in d:  # a learned initial state: the shape of its state
+                return self.g.nodes[d["like"]]["shape"]
             if d["op"] == "const":
+                if "dimconst" in d:  # a dimension read as a number
+                    value = eval_dim(d["dimconst"], self.env)
+                    if value is None:
+                        return None
+                    d["attrs"]["value"] = float(value)
                 return ()
             return self.declared(n, None)
         ins = operands(self.g, n)

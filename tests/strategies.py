@@ -182,7 +182,7 @@ def cells(draw, allow_lengths=True):
 def models(draw):
     """A random model as text, reaching the shapes that once broke rnnc (issue 10): nested
     projections inside activations, packed weights read through slices, a forward and a
-    backward recurrence over one input, inputs read at other steps, a param as the initial
+    backward recurrence over one input, inputs read at other steps, a param (or one per state) as the initial
     state, first(v) of a per-sequence input, last/first heads, several delays.
 
     Returns (text, options): T, B, lengths, seed, and `windows` (forward-only models, where a
@@ -238,7 +238,7 @@ def models(draw):
     lines = "\n".join(eqs)
     cell = f"cell C(x[I]) -> e{n_eq - 1}[H] {{\n  param {', '.join(params)}\n{lines}\n}}\n"
     mods = draw(st.sampled_from(["", "", "bidirectional(sum) ", "stack(2) ", "reverse "]))
-    init = draw(st.booleans())
+    init = draw(st.sampled_from([None, "h0", "learned"]))  # a param, or one per state
     other = draw(st.booleans())  # a model-level recurrence running the other way
     image = draw(st.booleans())  # first(P @ img): a static input entering at step 0
     many_to_one = draw(st.booleans())
@@ -247,10 +247,10 @@ def models(draw):
     if image:
         body.append("  input img[F] : static")
     body.append("  target y : class(K)" if many_to_one else "  target y[K] : sequence")
-    body.append("  param Wy[K, H], by[K]" + (", h0[H]" if init else "") +
+    body.append("  param Wy[K, H], by[K]" + (", h0[H]" if init == "h0" else "") +
                 (", Ug[H, I], Wg[H, H], Vg[K, H]" if other else "") +
                 (", Pi[H, F], Ui[H, I], Wi[H, H], Vi[K, H]" if image else ""))  # fmt: skip
-    body.append(f"  h = {mods}C(x, H=H{', init=h0' if init else ''})")
+    body.append(f"  h = {mods}C(x, H=H{f', init={init}' if init else ''})")
     heads = ["Wy @ {h}"]
     if other:
         back = "t+1" if sign > 0 else "t-1"

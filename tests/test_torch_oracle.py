@@ -175,3 +175,36 @@ model m {{
     assert rel(grads["x"], xt.grad.numpy()) < 1e-10
     for tname, t in mod.named_parameters():
         assert rel(grads["h." + tname.rpartition("_l")[0]], t.grad.numpy()) < 1e-10, tname
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_learned_initial_states_equal_pytorch(kind):
+    """init=learned: a param per state, layer and direction (h.l1.bwd.c0), broadcast over the
+    batch; its gradient is PyTorch's for h0/c0 = param.expand(B) (summed over the batch)."""
+    layers, bidir, D = 2, True, 2
+    mod = torch_module(kind, layers, bidir)
+    m = compile_spec(spec(kind, layers, bidir).replace("Cell(x, H=H)", "Cell(x, H=H, init=learned)"))
+    params = params_from(mod, layers, bidir)
+    rng = np.random.default_rng(5)
+    starts = {name[:-5] + "0": rng.normal(size=H) * 0.5 for name, _, _ in state_names(kind, layers, bidir)}
+    assert set(m.params) == set(params) | set(starts)
+    x, y, L = rng.normal(size=(T, B, I)), rng.normal(size=(T, B, H * D)), np.array([T, 2, 4])
+    t_starts = {k: torch.tensor(v, requires_grad=True) for k, v in starts.items()}
+    which = {w: torch.stack([t_starts[n[:-5] + "0"] for n, _, ww in state_names(kind, layers, bidir) if ww == w])
+             for w in ("h", "c") if w == "h" or kind == "LSTM"}  # fmt: skip
+    state = {w: v[:, None, :].expand(layers * D, B, H) for w, v in which.items()}
+    state = (state["h"], state["c"]) if kind == "LSTM" else state["h"]
+    out_p, _ = mod(pack_padded_sequence(torch.tensor(x), torch.tensor(L), enforce_sorted=False), state)
+    out, _ = pad_packed_sequence(out_p, total_length=T)
+    mask = torch.tensor(np.arange(T)[:, None] < L[None, :], dtype=torch.float64)
+    loss_t = ((((out - torch.tensor(y)) ** 2).mean(-1) * mask).sum(0)).mean()
+    loss_t.backward()
+    loss, grads = m.loss_and_grads({**params, **starts}, {"x": x}, {"y": y}, lengths={"x": L})
+    assert abs(loss - loss_t.item()) < 1e-12 * abs(loss)
+    for name, t in t_starts.items():
+        assert grads[name].shape == (H,)
+        assert rel(grads[name], t.grad.numpy()) < 1e-10, name
+    for tname, t in mod.named_parameters():
+        base, _, rest = tname.rpartition("_l")
+        k, d = int(rest.split("_")[0]), 1 if rest.endswith("_reverse") else 0
+        assert rel(grads[f"{prefix(layers, bidir, k, d)}.{base}"], t.grad.numpy()) < 1e-10, tname
