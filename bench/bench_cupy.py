@@ -25,8 +25,8 @@ def launches() -> None:
     from rnnc.compiler import compile_spec
     from rnnc.fuse import Accumulate, Kernel, loop_kernels
 
-    print("cell  function        loop      per step")
-    for kind in ("lstm", "gru", "rnn"):
+    print("cell    function        loop      per step")
+    for kind in ("lstm", "gru", "rnn", "lstm_vd", "ln_lstm"):
         spec = os.path.join(HERE, "specs", f"{kind}_layer.rnn")
         m = compile_spec(spec, dims={"I": 512, "H": 512}, target="cupy", load=False)
         for fname in ("loss", "loss_and_grads"):
@@ -39,7 +39,7 @@ def launches() -> None:
                 kernels = sum(isinstance(x, Kernel) for x in items)
                 way = "forward" if plan.steps[i].direction > 0 else "backward"
                 rest = f", {len(ops) - gemms} other" if len(ops) > gemms else ""
-                print(f"{kind:5s} {fname:15s} {way:9s} {gemms} GEMM + {kernels} kernel{rest}")
+                print(f"{kind:7s} {fname:15s} {way:9s} {gemms} GEMM + {kernels} kernel{rest}")
 
 
 def time_rnnc(kind: str, B: int, T: int, I: int, H: int, iters: int) -> dict:

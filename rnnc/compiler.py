@@ -126,6 +126,15 @@ class Model:
     def targets(self) -> dict:
         return self.module.TARGETS
 
+    @property
+    def masks(self) -> dict:
+        """Dropout and zoneout masks: name -> (shape, time domain or 'static', kind, p)."""
+        return self.module.MASKS
+
+    def draw_masks(self, inputs, rng) -> dict:
+        """Training's masks for a batch of `inputs`; pass them in `inputs` to fix them."""
+        return self.module.draw_masks(inputs, rng)
+
 
 TARGETS = ("numpy", "cupy")
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from . import syntax as S
 from .errors import RnncError, Span
 from .graph import Graph, add_node, new_graph, operands, set_init
-from .ops import BY_SPELLING, LOSSES, STATIC
+from .ops import BY_SPELLING, LOSSES, NOISE, STATIC
 
 MERGES = ("concat", "sum", "mul", "avg")
 INITS = ("zeros", "constant", "uniform", "normal", "glorot", "xavier", "orthogonal")
@@ -55,10 +55,12 @@ class Elaborator:
         self.g = new_graph(
             model=model.name, file=program.file, source=program.source, params={}, inputs={},
             targets={}, outputs={}, loss=None, dims={}, dim_constraints=[], instances={},
-            generate={}, domains={},
+            generate={}, domains={}, masks={},
         )  # fmt: skip
         self.pending: list[tuple[int, int, str, int, Scope, Span]] = []
         self.deferred_inits: list[tuple[DirInstance, S.Expr, Scope, Span]] = []
+        self.masks: dict[str, int] = self.g.graph["masks"]  # dropout and zoneout masks by name
+        self.equation = ""  # the equation being elaborated
         self.instances: dict[str, Instance] = {}
         self.used_prefixes: set[str] = set()
         self.prefix = ""  # the cell instance being elaborated (pictures draw it as a cluster)
@@ -211,7 +213,9 @@ class Elaborator:
         for name, (kind, eq) in list(scope.decls.items()):
             if kind != "eq":
                 continue
+            outer, self.equation = self.equation, name  # dropout/zoneout inside it are named after it
             ref = self.expr(eq.expr, scope, eq_name=name)
+            self.equation = outer
             root = self.mk("identity", [ref], eq.span, name=scope.qualify(name))
             scope.roots[name] = root
 
@@ -303,6 +307,8 @@ class Elaborator:
             return self.loss(e, scope)
         if fn == "final":
             return self.final(e, scope)
+        if fn in NOISE:
+            return self.noise(e, scope, eq_name)
         op = BY_SPELLING.get(fn)
         if op is None:
             names = list(BY_SPELLING) + list(LOSSES) + list(self.cells)
@@ -332,6 +338,45 @@ class Elaborator:
         if fn == "onehot":
             attrs["n"] = 0
         return (self.mk(op.name, args, span, **attrs), 0)
+
+    def noise(self, e: S.Call, scope: Scope, eq_name: str) -> Ref:
+        """dropout(x, p[, per=sequence]) and zoneout(h, p): the op over a mask leaf named
+        `<equation>.<op>` (e.g. h.c.zoneout), which a user may also pass in `inputs`."""
+        fn, span = e.fn, e.span
+        usage = "dropout(x, 0.2), dropout(x, 0.2, per=sequence)" if fn == "dropout" else "h = zoneout(o * tanh(c), 0.1)"
+        if len(e.args) != 2:
+            raise self.error(f"{fn} takes 2 arguments (a value and p), got {len(e.args)}", span,
+                             hint=f"write {usage}", code="E208")  # fmt: skip
+        p = self.kw_number(fn, "p", e.args[1])
+        if not 0 <= p < 1:
+            raise self.error(f"{fn}: p = {p:g} is outside [0, 1)", e.args[1].span,
+                             hint="p is the probability of dropping (dropout) or keeping (zoneout) a unit", code="E208")  # fmt: skip
+        per = "step"
+        for key, v in e.kwargs:
+            if fn == "dropout" and key == "per" and isinstance(v, S.Name) and v.name in ("step", "sequence"):
+                per = v.name
+            elif fn == "dropout" and key == "per":
+                raise self.error(f"dropout: per={v.name if isinstance(v, S.Name) else '...'} is neither step "
+                                 "nor sequence", v.span, hint=f"write {usage}", code="E208")  # fmt: skip
+            else:
+                raise self.error(f"{fn} takes no argument '{key}'", v.span, hint=f"write {usage}", code="E208")
+        eq_name = self.equation
+        if fn == "zoneout" and not eq_name:
+            raise self.error("zoneout keeps the previous value of the equation it is in; here there is none",
+                             span, hint=f"write {usage}", code="E208")  # fmt: skip
+        base = f"{scope.qualify(eq_name) if eq_name else 'init'}.{fn}"
+        name = base if base not in self.masks else f"{base}{sum(k.startswith(base) for k in self.masks) + 1}"
+        mask = add_node(self.g, "mask", (), name, span, name=name, kind=fn, p=p, per=per)
+        self.g.nodes[mask]["scope"] = self.prefix
+        args = [self.expr(e.args[0], scope)]
+        if fn == "zoneout":
+            # the previous step in the direction the recurrence runs (t+1 in a backward one)
+            back = any(self.reads_future(k, scope) for k, (kind, _) in scope.decls.items() if kind == "eq")
+            args.append(self.lookup(eq_name, -1 if back else 1, scope, span, timed=True))
+        n = self.mk(fn, [*args, (mask, 0)], span, p=p)
+        self.g.nodes[mask]["noise_of"] = n
+        self.masks[name] = mask
+        return (n, 0)
 
     def loss(self, e: S.Call, scope: Scope) -> Ref:
         if len(e.args) != 2:

@@ -140,6 +140,7 @@ def check_all(spec, dims, model, T, batch, seed, eps, directions, lengths) -> li
         params[k] = params[k] + rng.normal(0, 0.1, params[k].shape)
     inputs, targets, _ = random_batch(m, T, batch, seed)
     inputs.update(initial_states(m, batch, rng))
+    inputs.update(m.module.draw_masks(inputs, rng))  # training's masks, fixed for the check
     L = random_lengths(m, T, batch, rng) if lengths else None
     plain = not smooth(m)
     h = eps if eps is not None else (1e-6 if plain else 1e-3)

@@ -91,6 +91,12 @@ def interpret(
             v = np.asarray(src[a["name"]])
             v = v[a["t"]] if "t" in a else v
             values[n] = v if d["classes"] else v.astype(dtype)
+        elif op == "mask":  # given in inputs, else evaluation's: no dropout, zoneout's expectation
+            v = inputs.get(a["name"])
+            if v is None:
+                values[n] = np.full((B, *d["shape"]), 1.0 if a["kind"] == "dropout" else a["p"], dtype)
+            else:
+                values[n] = np.asarray(v)[a["t"]].astype(dtype) if "t" in a else np.asarray(v, dtype)
         elif op == "state_init":
             v = state_init.get(a["state"])
             values[n] = np.zeros((B, *d["shape"]), dtype) if v is None else np.asarray(v, dtype)

@@ -362,6 +362,32 @@ def check_data(inputs, inputs_table, targets=None, targets_table=None):
                                  "run over the same steps and need the same length")
 
 
+def noise_mask(given, rng, kind, p, shape, dt, name):
+    # a dropout mask (0 or 1/(1-p)) or a zoneout mask (1: keep the previous value): given in
+    # inputs, drawn from rng (training), or its expectation (evaluation: 1, or p for zoneout)
+    if given is not None:
+        given = np.asarray(given, dt)
+        if given.shape != tuple(shape):
+            raise ValueError(f"inputs[{name!r}] (a {kind} mask) has shape {list(given.shape)}; "
+                             f"expected {list(shape)}")
+        return given
+    if rng is None:
+        return np.full(shape, 1.0 if kind == "dropout" else p, dt)
+    u = rng.random(shape)
+    return np.asarray((u >= p) / (1.0 - p) if kind == "dropout" else u < p, dt)
+
+
+def noise_lead(inputs, table, dom):
+    # the leading axes of a mask: (T, B) of its time domain ('x', or 'x/2' for pairs), or (B,)
+    for name, (_, d, _) in table.items():
+        if d == "static" or d.split("/")[0] != dom.split("/")[0]:
+            continue
+        T, B = np.shape(inputs[name])[:2]
+        return (B,) if dom == "static" else (T >> (dom.count("/") - d.count("/")), B)
+    name, (_, d, _) = next(iter(table.items()))
+    return (np.shape(inputs[name])[0 if d == "static" else 1],)
+
+
 def check_lengths(lengths, domains):
     # every key of `lengths` names a time domain: a misspelt one would be silently ignored
     unknown = sorted(set(lengths or ()) - set(domains))

@@ -430,7 +430,9 @@ forward(params, inputs) -> outputs; loss(params, inputs, targets) -> outputs wit
 loss_and_grads(params, inputs, targets) -> (loss, grads). Optional arguments:
 lengths={{domain: [B] ints}} for sequences shorter than T (losses and states stop at each
 length), carry=... the state carried in from a previous window (truncated BPTT; see
-return_carry). Initial states may be given as inputs["<state>.init"].
+return_carry). Initial states may be given as inputs["<state>.init"]. rng=a NumPy Generator
+trains: dropout and zoneout masks are drawn from it (or taken from inputs[name], see
+draw_masks); without one the model evaluates (no dropout, zoneout at its expectation).
 """'''
 
 
@@ -491,6 +493,13 @@ class Module:
                 pro.append(f"    {v} = inputs.get({d['name']!r})")
                 pro.append(f"    {v} = np.zeros((B,) + {tuple(d['shape'])!r}, dt) if {v} is None "
                            f"else np.asarray({v}, dt)")  # fmt: skip
+        for n in leaves:  # dropout and zoneout masks: given, drawn from rng, or their expectation
+            d = g.nodes[n]
+            if d["op"] == "mask":
+                lead = f"({context_names(d['level'])[0]}, B)" if is_seq(d["level"]) else "(B,)"
+                a = d["attrs"]
+                pro.append(f"    {self.namer(n)} = noise_mask(inputs.get({a['name']!r}), rng, {a['kind']!r}, "
+                           f"{a['p']!r}, {lead} + {tuple(d['shape'])!r}, dt, {a['name']!r})")  # fmt: skip
         for n in leaves:  # an input read at other steps: rows of its initial value around it
             if g.nodes[n]["op"] == "input" and plan.pads.get(n, (0, 0)) != (0, 0):
                 v = self.namer(n)
@@ -498,12 +507,12 @@ class Module:
         for M, V, k in sorted(em.masks):
             pro.append(f"    {V} = None if {M} is None else valid_shift({M}, {k})")
         args = {
-            "forward": "params, inputs, lengths=None, carry=None, return_carry=False",
-            "loss": "params, inputs, targets, lengths=None, carry=None, return_carry=False",
+            "forward": "params, inputs, lengths=None, carry=None, return_carry=False, rng=None",
+            "loss": "params, inputs, targets, lengths=None, carry=None, return_carry=False, rng=None",
             "loss_and_grads": "params, inputs, targets, lengths=None, carry=None, return_carry=False,"
-            " with_inputs=False",
+            " with_inputs=False, rng=None",
             "loss_and_all_grads": "params, inputs, targets, lengths=None, carry=None,"
-            " return_carry=False",
+            " return_carry=False, rng=None",
         }[fname]
         doc = {
             "forward": "The named outputs of the model for `inputs`.",
@@ -516,7 +525,7 @@ class Module:
         if fname == "loss_and_grads":
             lines += [
                 "    if with_inputs:",
-                "        return loss_and_all_grads(params, inputs, targets, lengths, carry, return_carry)",
+                "        return loss_and_all_grads(params, inputs, targets, lengths, carry, return_carry, rng)",
             ]
         lines += pro + body
         lines += self.returns(fname, plan, em)
@@ -622,6 +631,11 @@ class Module:
             meta.append(
                 f"{kind.upper()} = {table!r}  # name: (shape, time domain or 'static', labels?)"
             )
+        masks = {name: (tuple(g.nodes[n]["shape"]), g.nodes[n]["level"], g.nodes[n]["attrs"]["kind"],
+                        g.nodes[n]["attrs"]["p"]) for name, n in g.graph.get("masks", {}).items()
+                 if n in g}  # fmt: skip  (a mask of a value the outputs never read is gone)
+        meta.append(f"MASKS = {masks!r}  # name: (shape, time domain or 'static', dropout|zoneout, p)")
+        funcs.append(DRAW_MASKS)
         body = "\n\n\n".join(funcs)
         if self.target == "cupy":
             init = INIT_PARAMS_CUPY
@@ -661,6 +675,14 @@ def launch(name, n, dt, *args):
 
 def to_cupy(line: str) -> str:
     return re.sub(r"\bnp\.", "cp.", line)
+
+
+DRAW_MASKS = '''def draw_masks(inputs, rng, dtype=np.float64):
+    """The dropout and zoneout masks for a batch of `inputs`, drawn from `rng` as training
+    draws them. Passed back in `inputs` (under these names) they fix the masks: to check
+    gradients, or to share one batch's masks between processes."""
+    return {name: noise_mask(None, rng, kind, p, noise_lead(inputs, INPUTS, dom) + shape, dtype, name)
+            for name, (shape, dom, kind, p) in MASKS.items()}'''
 
 
 INIT_PARAMS = '''def init_params(seed=0, dtype=np.float32):

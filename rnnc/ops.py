@@ -512,6 +512,21 @@ defop("pick_last", None, same, "pick_last([{args}], {M})", level=to_static, user
       vjp=lambda g, y, *hs, dom: [g.op("at_last", t=t, dom=dom) for t in range(len(hs))])  # fmt: skip
 defop("at_last", 1, same, "at_last({0}, {M}, {T}, {t})", user=False)
 
+# ----- Randomness: dropout and zoneout read a mask, a leaf the compiled module fills -----
+# The mask of `dropout(x, p)` is 1/(1-p) or 0 per feature, of `zoneout(h, p)` 1 (keep the
+# previous value) or 0; drawn per step, or per sequence (`per=sequence`); in evaluation
+# (no rng) dropout's mask is 1 and zoneout's is p, its expectation. Gradients are exact for
+# the drawn mask; the mask is an operand of the fused kernels, not a pass of its own.
+
+defop("mask", 0, lambda **a: None, "inputs[{name!r}]", kind="leaf", level=lambda **a: STATIC)
+defop("dropout", 2, same, "{0} * {1}", prec=2, slots=(2, 3), attrs={"p": 0.5},
+      vjp=lambda g, y, x, m: [g * m, None], cuda="{0} * {1}")  # fmt: skip
+# zoneout(h, p) inside `h = ...`: each unit keeps h[t-1] where the mask is 1
+defop("zoneout", 3, same, "{2} * {1} + (1 - {2}) * {0}", prec=1, attrs={"p": 0.1},
+      vjp=lambda g, y, new, old, m: [g * (1.0 - m), g * m, None],
+      cuda="{2} * {1} + (R(1) - {2}) * {0}")  # fmt: skip
+NOISE = ("dropout", "zoneout")
+
 # ----- Sampling (generation only; not differentiable) -----
 
 defop("sample", 1, vector, "sample({0}, {rng}, temperature)", int_out=True)

@@ -205,6 +205,10 @@ class ShapeSolver:
             return lv
         return self.dom.find(lv)
 
+    def noised(self, mask: int) -> int:
+        """The value a dropout or zoneout mask applies to: its op's first operand."""
+        return operands(self.g, self.g.nodes[mask]["noise_of"])[0][0]
+
     def infer_level(self, n: int) -> str | None:
         d = self.g.nodes[n]
         op = d["op"]
@@ -212,6 +216,13 @@ class ShapeSolver:
             if op in ("input", "target"):
                 lv = d["attrs"]["dom"]
                 return self.dom.add(lv) if lv != STATIC else STATIC
+            if op == "mask":  # per step of the value it drops, or per sequence
+                lv = self.level_of(self.noised(n))
+                if lv == GLOBAL:
+                    raise self.err(f"{d['attrs']['kind']} of a model-wide value (a param): there is no "
+                                   "step or sequence to draw its mask for", d["span"],
+                                   hint="drop a value computed from the inputs", code="E411")  # fmt: skip
+                return lv if lv is None or d["attrs"]["per"] == "step" else STATIC
             return OPS[op].level(**d["attrs"]) if op != "param" else GLOBAL
         ins = operands(self.g, n)
         levels = [self.level_of(u) for u, _ in ins]
@@ -287,6 +298,8 @@ class ShapeSolver:
         if op.kind == "leaf":
             if d["op"] == "state_init":
                 return None  # takes the shape of its state (set in finish)
+            if d["op"] == "mask":  # shaped like the value it drops
+                return self.g.nodes[self.noised(n)]["shape"]
             if "like" in d:  # a learned initial state: the shape of its state
                 return self.g.nodes[d["like"]]["shape"]
             if d["op"] == "const":

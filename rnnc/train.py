@@ -536,7 +536,11 @@ class Trainer:
         ins, tgs, L = self.data.batch(s.rng, s)
         B = batch_of(ins, m.inputs)
         n_tok = int(L[next(iter(L))].sum()) if L else np.shape(next(iter(ins.values())))[0] * B
-        ins, tgs, L, share, rows = sharded(ins, tgs, L, {**m.inputs, **m.targets}, self.comm)
+        # dropout and zoneout masks for the whole batch, from the run's generator (so that a
+        # resumed run and any number of processes draw the same ones), then shared out
+        ins = {**ins, **m.draw_masks(ins, s.rng)}
+        masks = {k: (shape, dom, False) for k, (shape, dom, _, _) in m.masks.items()}
+        ins, tgs, L, share, rows = sharded(ins, tgs, L, {**m.inputs, **m.targets, **masks}, self.comm)
         ins = {k: np.asarray(v).astype(self.dtype) for k, v in ins.items()}
         if self.tbptt:
             carry = None if s.carry is None else {k: v[:, rows] for k, v in s.carry.items()}

@@ -27,7 +27,7 @@ def unroll(g: Graph, T: dict[str, int], masked: bool = False, carried: bool = Fa
         )  # fmt: skip
     dag = new_graph(
         model=g.graph["model"], file=g.graph["file"], source=g.graph.get("source", ""),
-        unrolled=True, T=steps, domains=g.graph["domains"], params={}, inputs={}, targets={},
+        unrolled=True, T=steps, domains=g.graph["domains"], params={}, inputs={}, targets={}, masks={},
         outputs={}, loss=None, states={},
     )  # fmt: skip
     copies: dict[tuple[int, int | None], int] = {}
@@ -77,7 +77,7 @@ def unroll(g: Graph, T: dict[str, int], masked: bool = False, carried: bool = Fa
         """The op, attrs and operands of n's copy at step t."""
         d = g.nodes[n]
         op, attrs, ins = d["op"], dict(d["attrs"]), operands(g, n)
-        if op in ("input", "target") and t is not None:
+        if op in ("input", "target", "mask") and t is not None:
             return op, {**attrs, "t": t}, []
         if op == "loss_reduce" and is_seq(g.nodes[ins[0][0]]["level"]):
             u = ins[0][0]
@@ -109,8 +109,10 @@ def unroll(g: Graph, T: dict[str, int], masked: bool = False, carried: bool = Fa
             dag.nodes[c]["op"], dag.nodes[c]["attrs"] = op, attrs
             for pos, a in enumerate(args):
                 dag.add_edge(a, c, pos=pos, delay=0)
-    for kind in ("params", "inputs", "targets"):
-        for name, n in g.graph[kind].items():
+    for kind in ("params", "inputs", "targets", "masks"):
+        for name, n in g.graph.get(kind, {}).items():
+            if n not in g:  # a mask whose value no output reads (dead code)
+                continue
             dag.graph[kind][name] = [copies[(n, t)] for t in copy_steps(n)]
     for name, n in g.graph["outputs"].items():
         dag.graph["outputs"][name] = [copies[(n, t)] for t in copy_steps(n)]

@@ -40,6 +40,12 @@ def random_data(g, T: int, B: int, seed: int = 0, lengths: bool = False):
             lead = (Ts[d["level"]], B) if d["level"] in Ts else (B,)
             dst[name] = (rng.integers(0, d["shape"][0], size=lead) if d["classes"]
                          else rng.normal(size=lead + tuple(d["shape"])))  # fmt: skip
+    for name, n in g.graph.get("masks", {}).items():  # training's masks, drawn here by hand
+        if n not in g:
+            continue
+        d, a = g.nodes[n], g.nodes[n]["attrs"]
+        u = rng.random(((Ts[d["level"]], B) if d["level"] in Ts else (B,)) + tuple(d["shape"]))
+        inputs[name] = (u >= a["p"]) / (1 - a["p"]) if a["kind"] == "dropout" else (u < a["p"]) * 1.0
     L = None
     if lengths:
         L = {

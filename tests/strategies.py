@@ -135,11 +135,15 @@ def cells(draw, allow_lengths=True):
         if draw(st.booleans()):
             e = S.BinOp(draw(st.sampled_from("+-*")), e, operand(i))
         for _ in range(draw(st.integers(1, 3))):
-            kind = draw(st.sampled_from(["unary", "binary", "binary", "gate", "features"]))
+            kind = draw(st.sampled_from(["unary", "binary", "binary", "gate", "features", "noise"]))
             if kind == "unary":
                 e = S.Call(draw(st.sampled_from(UNARY)), (e,))
             elif kind == "features":
                 e = over_features(e, draw(st.integers(0, 5)))
+            elif kind == "noise":  # dropout per step or per sequence; zoneout keeps e_i[t-1]
+                form = draw(st.integers(0, 2))
+                per = (("per", S.Name("sequence")),) if form == 1 else ()
+                e = S.Call("zoneout" if form == 2 else "dropout", (e, S.Num(0.3)), per)
             elif kind == "binary":
                 e = S.BinOp(draw(st.sampled_from("+-*")), e, operand(i))
             else:  # a gated mix, as in GRU and LSTM

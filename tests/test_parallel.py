@@ -50,7 +50,8 @@ def largest_difference(a: dict, b: dict) -> float:
     return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-300)) for k in a)
 
 
-@pytest.mark.parametrize("spec,task", [("adding_rnn.rnn", "adding"), ("gru.rnn", "text")])
+@pytest.mark.parametrize("spec,task", [("adding_rnn.rnn", "adding"), ("gru.rnn", "text"),
+                                       ("lstm_dropout.rnn", "text")])  # masks drawn for the whole batch
 def test_n_processes_equal_one_on_the_whole_batch(tmp_path, spec, task):
     (tmp_path / "t.txt").write_text(TEXT)
     base = args(spec, task, "--steps", "50", "--text", str(tmp_path / "t.txt"))
