@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from . import syntax as S
 from .errors import RnncError, Span
 from .graph import Graph, add_node, new_graph, operands, set_init
+from .imports import with_imports
 from .ops import BY_SPELLING, LOSSES, NOISE, STATIC
 
 MERGES = ("concat", "sum", "mul", "avg")
@@ -758,5 +759,6 @@ def pick_model(program: S.Program, name: str | None = None) -> S.Model:
 
 
 def elaborate(program: S.Program, model: str | None = None) -> Graph:
-    """The graph of one model (the last in the file unless named)."""
+    """The graph of one model (the last in the file unless named), `use`d cells brought in."""
+    program = with_imports(program)
     return Elaborator(program, pick_model(program, model)).run()

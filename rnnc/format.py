@@ -119,6 +119,10 @@ def fmt_stmt(s: S.Stmt) -> str:
     raise TypeError(s)
 
 
+def fmt_use(item: S.Use) -> str:
+    return "use " + ", ".join(item.names) + (f' from "{item.source}"' if item.source is not None else "")
+
+
 def fmt_header(item: S.Model | S.Cell) -> str:
     if isinstance(item, S.Model):
         return f"model {item.name} {{"
@@ -137,11 +141,14 @@ def format_program(program: S.Program) -> str:
         return 1 < line <= len(src_lines) + 1 and src_lines[line - 2].strip() == ""
 
     def leading(before_line: int, indent: str) -> list[str]:
-        out = []
+        out, last = [], None
         for i, (ln, _, text) in enumerate(comments):
             if i not in used and ln < before_line:
                 used.add(i)
+                if last is not None and ln - last > 1 and blank_before(ln):
+                    out.append("")  # comment paragraphs stay apart
                 out.append(indent + text)
+                last = ln
         return out
 
     def trailing(start: int, end: int) -> str:
@@ -154,6 +161,12 @@ def format_program(program: S.Program) -> str:
 
     out: list[str] = []
     for n, item in enumerate(program.items):
+        if isinstance(item, S.Use):  # consecutive uses stay together
+            if n and not isinstance(program.items[n - 1], S.Use):
+                out.append("")
+            out.extend(leading(item.span.line, ""))
+            out.append(fmt_use(item) + trailing(item.span.line, item.span.end_line))
+            continue
         if n:
             out.append("")
         out.extend(leading(item.span.line, ""))

@@ -42,6 +42,7 @@ WORDS = {
     "STAR": "'*'",
     "SLASH": "'/'",
     "AT": "'@'",
+    "STRING": "a quoted path",
     "$END": "the end of the file",
 }
 KEYWORDS = [
@@ -59,6 +60,8 @@ KEYWORDS = [
     "static",
     "of",
     "class",
+    "use",
+    "from",
 ]
 
 
@@ -132,6 +135,14 @@ class ToAst(Transformer_NonRecursive):
         ports = [c for c in rest if isinstance(c, S.Port)]
         body = tuple(c for c in rest if not isinstance(c, S.Port))
         return S.Cell(self._name(name), tuple(ports[:-1]), ports[-1], body, self._s(meta))
+
+    def use(self, meta, ch):
+        names = [c for c in ch[:-1]]
+        source = None if ch[-1] is None else str(ch[-1])[1:-1]
+        if ch[-1] is not None and not source:
+            raise RnncError("use ... from \"\": the path is empty", span_of(self.file, ch[-1]), code="E110")
+        return S.Use(tuple(self._name(n) for n in names), source, self._s(meta),
+                     tuple(span_of(self.file, n) for n in names))  # fmt: skip
 
     def port(self, meta, ch):
         name, dims = ch
@@ -373,7 +384,7 @@ def check_one_per_line(program: S.Program, file: str) -> None:
     """Refuse a statement that begins on the line where the one before it ends: it reads as a
     continuation (`d = LSTM(x, H=H) init=final(e)` is two equations, the second unused)."""
     for item in program.items:
-        for prev, stmt in itertools.pairwise(item.body):
+        for prev, stmt in itertools.pairwise(getattr(item, "body", ())):
             if not (prev.span.end_line and stmt.span.line == prev.span.end_line):
                 continue
             name = getattr(stmt, "name", "")
@@ -484,7 +495,7 @@ def check_depth(program: S.Program, file: str) -> None:
         dims: list[S.DimExpr] = []
         if isinstance(item, S.Cell):
             dims += [d for p in (*item.inputs, item.output) for d in p.dims]
-        for stmt in item.body:
+        for stmt in getattr(item, "body", ()):
             dims += statement_dims(stmt)
             if isinstance(stmt, S.Equation):
                 dims += check_expr(stmt)

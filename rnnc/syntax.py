@@ -194,8 +194,18 @@ class Model:
 
 
 @dataclass(frozen=True, slots=True)
+class Use:
+    """`use A, B` (the library) or `use A from "file.rnn"`: cells defined elsewhere."""
+
+    names: tuple[str, ...]
+    source: str | None  # a path relative to the spec; None: rnnc's library
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
+    name_spans: tuple[Span, ...] = field(default=(), compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Program:
-    items: tuple[Model | Cell, ...]
+    items: tuple[Model | Cell | Use, ...]
     file: str = field(default="<spec>", compare=False)
     source: str = field(default="", compare=False, repr=False)
     # (line, col, text) of every comment, so that `rnnc fmt` never loses one

@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from helpers import TORCH_CELLS, finite_diff, grad_scale, random_data, reference, rel
+from helpers import finite_diff, grad_scale, random_data, reference, rel
 
 from rnnc import kernels
 from rnnc.compiler import compile_spec
@@ -318,12 +318,13 @@ def test_fusions_keep_the_schedule_valid(body):
     three_way(HEAD % body, lengths=True)
 
 
-GRU_PACKED = TORCH_CELLS["GRU"] + """
+GRU_PACKED = """use GRU
+
 model m {
   dim I = 3, H = 4
   input x[I] : sequence
   target y[H] : sequence
-  h = Cell(x, H=H)
+  h = GRU(x, H=H)
   loss = mse(h, y)
 }"""
 

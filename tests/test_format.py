@@ -25,3 +25,12 @@ def test_comments_survive_formatting():
         assert c in out
     assert format_program(parse(out)) == out
     assert "dim H = 4" in out and "input x[H] : sequence" in out
+
+
+def test_comment_paragraphs_before_an_item_stay_apart():
+    from rnnc.format import format_program
+    from rnnc.parse import parse
+
+    text = "# a file's header\n# in two lines\n\n# the cell's own comment\ncell C(x[I]) -> h[I] {\n" \
+           "  h = tanh(x + h[t-1])\n}\n"  # fmt: skip
+    assert format_program(parse(text)) == text

@@ -1,4 +1,5 @@
-"""PyTorch in float64 as an oracle that shares no code with rnnc: nn.RNN (tanh, relu),
+"""PyTorch in float64 as an oracle that shares no code with rnnc, for the library's cells
+(rnnc/cells.rnn, brought in with `use`): nn.RNN (tanh, relu),
 nn.LSTM (with proj_size), nn.GRU in its own packed layout, bidirectional, two layers,
 variable lengths through pack_padded_sequence, and a many-to-one classifier. Outputs (padding
 zeroed), final states h_n / c_n, and the gradients of every weight, the input and the initial
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import TORCH_CELLS as CELLS
 from helpers import rel
 
 torch = pytest.importorskip("torch", reason="the PyTorch oracle needs torch (pip install '.[test]')")
@@ -18,6 +18,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa
 from rnnc.compiler import compile_spec  # noqa: E402
 
 I, H, P, T, B = 3, 4, 2, 6, 3
+# torch.nn module kinds -> the library cell that holds its weights one to one
+CELLS = {"RNN_TANH": "RNN", "RNN_RELU": "RNNReLU", "LSTM": "LSTM", "LSTM_PROJ": "LSTMP", "GRU": "GRU"}
 
 
 def torch_module(kind: str, layers: int, bidir: bool):
@@ -35,12 +37,13 @@ def spec(kind: str, layers: int, bidir: bool) -> str:
     width = P if kind == "LSTM_PROJ" else H
     dims = f"dim I = {I}, H = {H}" + (f", P = {P}" if kind == "LSTM_PROJ" else "")
     size = "H=H, P=P" if kind == "LSTM_PROJ" else "H=H"
-    return CELLS[kind] + f"""
+    return f"""use {CELLS[kind]}
+
 model m {{
   {dims}
   input x[I] : sequence
   target y[{width * (2 if bidir else 1)}] : sequence
-  h = {mods}Cell(x, {size})
+  h = {mods}{CELLS[kind]}(x, {size})
   loss = mse(h, y)
 }}"""
 
@@ -146,13 +149,14 @@ def test_outputs_final_states_and_gradients_equal_pytorch(kind, layers, bidir, l
 
 def test_many_to_one_classifier_equals_pytorch():
     K = 3
-    text = CELLS["LSTM"] + f"""
+    text = f"""use LSTM
+
 model m {{
   dim I = {I}, H = {H}, K = {K}
   input x[I] : sequence
   target label : class(K)
   param Wy[K, H], by[K]
-  h = Cell(x, H=H)
+  h = LSTM(x, H=H)
   loss = cross_entropy(softmax(Wy @ last(h) + by), label)
 }}"""
     m = compile_spec(text)
@@ -183,7 +187,7 @@ def test_learned_initial_states_equal_pytorch(kind):
     batch; its gradient is PyTorch's for h0/c0 = param.expand(B) (summed over the batch)."""
     layers, bidir, D = 2, True, 2
     mod = torch_module(kind, layers, bidir)
-    m = compile_spec(spec(kind, layers, bidir).replace("Cell(x, H=H)", "Cell(x, H=H, init=learned)"))
+    m = compile_spec(spec(kind, layers, bidir).replace("(x, H=H)", "(x, H=H, init=learned)"))
     params = params_from(mod, layers, bidir)
     rng = np.random.default_rng(5)
     starts = {name[:-5] + "0": rng.normal(size=H) * 0.5 for name, _, _ in state_names(kind, layers, bidir)}
