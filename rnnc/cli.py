@@ -410,33 +410,55 @@ def cmd_bench(a) -> int:
     from .gradcheck import random_batch
     from .memory import estimate, require_memory
 
+    dims = parse_dims(a.dim)
+    specs = [a.spec] + ([a.against] if a.against else [])
     # the cupy target checks for CuPy and a GPU first, and says what is missing
-    m = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model, target=a.target)
-    require_memory(estimate(m, a.steps, a.batch, np.float32).total,
-                   f"timing {m.graph.graph['model']} at --batch {a.batch} over {a.steps:,d} steps")  # fmt: skip
-    params = m.init_params(a.seed, np.float32)
-    inputs, targets, _ = random_batch(m, a.steps, a.batch, a.seed, np.float32)
+    models = [compile_spec(s, dims=dims, model=a.model if s == a.spec else None, target=a.target)
+              for s in specs]  # fmt: skip
+    for m in models:
+        require_memory(estimate(m, a.steps, a.batch, np.float32).total,
+                       f"timing {m.graph.graph['model']} at --batch {a.batch} over {a.steps:,d} steps")  # fmt: skip
+    # GPU work is asynchronous: a time counts only once the device has finished
+    done = models[0].xp.cuda.Device().synchronize if a.target == "cupy" else lambda: None
+    calls = [bench_calls(m, a.steps, a.batch, a.seed, random_batch) for m in models]
+    timings: list[dict[str, list[float]]] = [{name: [] for name in c} for c in calls]
+    for c in calls:  # warm up (and compile kernels)
+        for fn in c.values():
+            fn()
+        done()
+    for _ in range(a.repeat):  # rounds interleaved, so that a busy moment hits both alike
+        for c, t in zip(calls, timings, strict=True):
+            for name, fn in c.items():
+                t0 = time.perf_counter()
+                fn()
+                done()
+                t[name].append(time.perf_counter() - t0)
+    names = [m.graph.graph["model"] for m in models]
+    print(f"T={a.steps}, B={a.batch}, median of {a.repeat}" +
+          ("; masks drawn in training" if any(m.masks for m in models) else ""))  # fmt: skip
+    for name in calls[0]:
+        cells = []
+        for n, t in zip(names, timings, strict=True):
+            per_step = float(np.median(t[name])) / a.steps
+            cells.append(f"{n} {per_step * 1e6:8.1f} us/step ({per_step * a.steps * 1e3:.2f} ms)")
+        ratio = ""
+        if len(timings) == 2:
+            ratio = f"   {np.median(timings[0][name]) / np.median(timings[1][name]):.2f}x"
+        print(f"{name:28s} " + "   vs ".join(cells) + ratio)
+    return 0
+
+
+def bench_calls(m, T: int, B: int, seed: int, random_batch) -> dict:
+    """The timed calls: evaluation (forward, no masks) and a training step's loss and
+    gradients (dropout and zoneout masks drawn from a generator, as training does)."""
+    params = m.init_params(seed, np.float32)
+    inputs, targets, _ = random_batch(m, T, B, seed, np.float32)
     # the data on the device before the clock starts, as a training loop would keep it
     inputs = {k: m.xp.asarray(v) for k, v in inputs.items()}
     targets = {k: m.xp.asarray(v) for k, v in targets.items()}
-    # GPU work is asynchronous: a time counts only once the device has finished
-    done = m.xp.cuda.Device().synchronize if a.target == "cupy" else lambda: None
-    timings = {}
-    for name, fn in (("forward", lambda: m.forward(params, inputs)),
-                     ("forward+backward", lambda: m.loss_and_grads(params, inputs, targets))):  # fmt: skip
-        fn()
-        done()
-        ts = []
-        for _ in range(a.repeat):
-            t0 = time.perf_counter()
-            fn()
-            done()
-            ts.append(time.perf_counter() - t0)
-        timings[name] = float(np.median(ts))
-        print(
-            f"{name:18s} {timings[name] * 1e3:9.2f} ms   (median of {a.repeat}, T={a.steps}, B={a.batch})"
-        )
-    return 0
+    rng = np.random.default_rng(seed)
+    return {"forward (evaluation)": lambda: m.forward(params, inputs),
+            "forward+backward (training)": lambda: m.loss_and_grads(params, inputs, targets, rng=rng)}  # fmt: skip
 
 
 # ----- the parser -----
@@ -508,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=seed_int, default=0)
     c.add_argument("--target", default="numpy", choices=["numpy", "cupy"],
                    help="cupy times the fused GPU code (needs rnnc[cupy] and a GPU)")  # fmt: skip
+    c.add_argument("--against", metavar="SPEC", help="a second spec timed in the same rounds (same --dim): "
+                   "per-step times side by side, and the ratio")  # fmt: skip
     return p
 
 

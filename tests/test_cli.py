@@ -157,3 +157,17 @@ def test_plot_writes_a_png_or_says_what_is_missing(tmp_path, capsys):
         assert code == 1 and "needs matplotlib" in capsys.readouterr().err
     else:
         assert code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_against_a_second_spec_prints_both_per_step_and_the_ratio(capsys):
+    layer = os.path.join(SPECS, "..", "bench", "specs")
+    assert main(["bench", os.path.join(layer, "lstm_vd_layer.rnn"), "--against", os.path.join(layer, "lstm_layer.rnn"),
+                 "--steps", "5", "--batch", "2", "--repeat", "2", "--dim", "H=8", "--dim", "I=4"]) == 0  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "T=5, B=2, median of 2; masks drawn in training"
+    for line, name in zip(out[1:], ("forward (evaluation)", "forward+backward (training)"), strict=True):
+        assert line.startswith(name)
+        words = line[28:].split()
+        assert words[0] == "lstm_vd_layer" and words[5] == "vs" and words[6] == "lstm_layer"
+        ratio = float(words[1]) / float(words[7])
+        assert words[-1] == f"{ratio:.2f}x" or abs(float(words[-1][:-1]) - ratio) < 0.02

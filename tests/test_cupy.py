@@ -354,9 +354,11 @@ def test_bench_times_the_cupy_target(stand_in_cupy, capsys):
     spec = os.path.join(ROOT, "specs", "gru.rnn")
     assert main(["bench", spec, "--target", "cupy", "--steps", "4", "--batch", "2",
                  "--repeat", "2", "--dim", "H=8"]) == 0  # fmt: skip
-    rows = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
-    assert set(rows) == {"forward", "forward+backward"}
-    assert all(float(v.split()[0]) > 0 for v in rows.values())
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("T=4, B=2, median of 2")
+    rows = {line[:28].strip(): line[28:].split() for line in out[1:]}
+    assert set(rows) == {"forward (evaluation)", "forward+backward (training)"}
+    assert all(v[0] == "char_gru" and float(v[1]) > 0 and v[2] == "us/step" for v in rows.values())
     assert stand_in_cupy.counts  # its kernels ran
 
 
