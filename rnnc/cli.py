@@ -237,7 +237,7 @@ def cmd_compile(a) -> int:
 def cmd_run(a) -> int:
     from .compiler import compile_spec
     from .data import check_data, load_params
-    from .files import load_npz, on_host, save_npz
+    from .files import load_arrays, on_host, save_arrays
     from .memory import data_steps, estimate, require_memory
 
     if a.target == "cupy":
@@ -252,7 +252,7 @@ def cmd_run(a) -> int:
         raise UsageError("rnnc run needs --data inputs.npz (or --train)", code="E501")
     m = compile_spec(a.spec, target=a.target, dims=parse_dims(a.dim), model=a.model)
     dtype = np.float64 if a.float64 else np.float32
-    arrays = load_npz(a.data, "data file")
+    arrays = load_arrays(a.data, "data file")
     have_loss = m.graph.graph.get("loss") is not None
     inputs, targets, lengths = check_data(arrays, m, a.data, dtype,
                                           targets="if present" if have_loss else False)  # fmt: skip
@@ -268,7 +268,7 @@ def cmd_run(a) -> int:
     for k, v in out.items():
         print(f"  {k:12s} {list(v.shape)}" + (f"  = {float(v):.6g}" if v.ndim == 0 else ""))
     if a.output:
-        save_npz(a.output, out)
+        save_arrays(a.output, out)
         print(f"wrote {a.output}")
     return 0
 
@@ -281,7 +281,7 @@ def cmd_train(a) -> int:
     from . import train as tr
     from .compiler import compile_spec
     from .data import load_params
-    from .files import load_npz, save_npz
+    from .files import load_arrays, save_arrays
     from .parallel import world
 
     if a.plot:
@@ -298,7 +298,7 @@ def cmd_train(a) -> int:
         if not a.data:
             raise UsageError("--task npz needs --data FILE.npz", code="E501")
         m = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model, target=a.target)
-        arrays = load_npz(a.data, "data file")
+        arrays = load_arrays(a.data, "data file")
         from .data import check_data
 
         ins, tgs, L = check_data(arrays, m, a.data, dtype)
@@ -345,7 +345,7 @@ def cmd_train(a) -> int:
             tr.plot(history, a.plot)
             print(f"wrote {a.plot}")
     if a.output:
-        save_npz(a.output, {f"param/{k}": v for k, v in t.params.items()})
+        save_arrays(a.output, {f"param/{k}": v for k, v in t.params.items()})
         print(f"wrote {a.output}", file=sys.stderr if t.signal else sys.stdout)
     return 128 + t.signal if t.signal else 0
 
@@ -364,12 +364,12 @@ def read_text(path: str) -> str:
 def cmd_generate(a) -> int:
     """`rnnc run --generate N`: sample from a model trained on text (its checkpoint)."""
     from .compiler import compile_spec
-    from .files import load_npz
+    from .files import load_arrays
     from .train import charset, checkpoint_meta, generate, load_checkpoint, meta_field
 
     if not a.checkpoint or not os.path.exists(a.checkpoint):
         raise UsageError("--generate needs --checkpoint FILE from a text training run", code="E501")
-    info = checkpoint_meta(load_npz(a.checkpoint, "checkpoint"), a.checkpoint)
+    info = checkpoint_meta(load_arrays(a.checkpoint, "checkpoint"), a.checkpoint)
     if "chars" not in info:
         raise RnncError(
             f"{a.checkpoint} was not trained on text: it has no character set", code="E543"
@@ -495,16 +495,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("-o", "--output", help="model.py (default: stdout)")
     c = spec_cmd("run", "run the forward pass and loss, train, or generate")
-    c.add_argument("--data", help=".npz with one array per input (and target)")
+    c.add_argument("--data", help=".npz or .safetensors with one array per input (and target)")
     c.add_argument(
         "--target",
         default="numpy",
         choices=["numpy", "cupy"],
         help="cupy runs on an NVIDIA GPU (needs rnnc[cupy])",
     )
-    c.add_argument("--params", help=".npz of parameters (default: fresh from --seed); with "
+    c.add_argument("--params", help=".npz or .safetensors of parameters (default: fresh from --seed); with "
                    "--train, the parameters to start from (fine-tuning)")
-    c.add_argument("-o", "--output", help="write outputs to this .npz")
+    c.add_argument("-o", "--output", help="write outputs to this .npz (or .safetensors)")
     c.add_argument("--seed", type=seed_int, default=0)
     c.add_argument("--float64", action="store_true", help="compute in float64 (default float32)")
     c.add_argument("--train", action="store_true", help="train the model")
@@ -547,7 +547,7 @@ def add_training_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--momentum", type=fraction, default=0.9)
     c.add_argument("--clip", type=nonnegative_float, default=1.0, help="global gradient-norm clip (0: off)")
     c.add_argument("--schedule", choices=["constant", "cosine", "step"], default="constant")
-    c.add_argument("--checkpoint", help="checkpoint file (.npz), written atomically")
+    c.add_argument("--checkpoint", help="checkpoint file (.npz or .safetensors), written atomically")
     c.add_argument("--checkpoint-every", type=positive_int, default=100)
     c.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     c.add_argument("--override", action="store_true",

@@ -118,9 +118,9 @@ def check_params(arrays: dict, m, source: str, dtype, prefixes=("param/", "")) -
 
 def load_params(path: str, m, dtype) -> dict[str, np.ndarray]:
     """A params file (`-o` of a training run, or a checkpoint) checked against the spec."""
-    from .files import load_npz
+    from .files import load_arrays
 
-    return check_params(load_npz(path, "params file"), m, path, dtype)
+    return check_params(load_arrays(path, "params file"), m, path, dtype)
 
 
 def check_lengths(arrays: dict[str, np.ndarray], inputs: dict[str, np.ndarray], table: dict,

@@ -1,10 +1,11 @@
-"""Files users trust us with: atomic writes, safe .npz loading checked against the spec."""
+"""Files users trust us with: atomic writes, safe .npz and .safetensors loading."""
 
 from __future__ import annotations
 
 import contextlib
 import glob
 import io
+import json
 import math
 import os
 import stat
@@ -108,6 +109,103 @@ def on_host(v) -> np.ndarray:
     """A NumPy array for an array of either target: a CuPy array is copied back with .get()
     (NumPy refuses to convert one implicitly)."""
     return v.get() if hasattr(v, "get") and not isinstance(v, (np.ndarray, dict)) else np.asarray(v)
+
+
+def save_arrays(path: str, arrays: dict) -> None:
+    """Named arrays to `path`, atomically: .safetensors by its extension, else .npz."""
+    if is_safetensors(path):
+        st = require_safetensors(path)
+        data = {k: np.ascontiguousarray(on_host(v)) for k, v in arrays.items()}
+        atomic_write(path, st.save(data))
+    else:
+        save_npz(path, arrays)
+
+
+def load_arrays(path: str, what: str = "file") -> dict[str, np.ndarray]:
+    """Named arrays from an .npz or (by its extension) a .safetensors file, checked before
+    anything large is read; never unpickling."""
+    return load_safetensors(path, what) if is_safetensors(path) else load_npz(path, what)
+
+
+def is_safetensors(path: str) -> bool:
+    return str(path).lower().endswith(".safetensors")
+
+
+def require_safetensors(path: str):
+    try:
+        import safetensors.numpy as st
+    except ImportError:
+        raise RnncError(f"'{path}' is a .safetensors file, and the safetensors package is not installed",
+                        hint="pip install 'rnnc[safetensors]', or use .npz", code="E507") from None  # fmt: skip
+    return st
+
+
+# safetensors dtypes NumPy holds exactly (BF16 and the F8 kinds it does not)
+SAFETENSORS_DTYPES = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
+                      "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64,
+                      "F16": np.float16, "F32": np.float32, "F64": np.float64}  # fmt: skip
+MAX_HEADER = 100 * 2**20  # the format's own limit on the JSON header
+
+
+def safetensors_sizes(path: str, what: str = "file") -> dict[str, int]:
+    """Each entry's byte count, from a header checked against the file: plain tensors of a
+    dtype NumPy holds, shapes that match their byte ranges, ranges inside the file."""
+    bad = lambda why, hint=None: RnncError(f"{what} '{path}' {why}", hint=hint, code="E505")  # noqa: E731
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > min(MAX_HEADER, size - 8):
+                raise bad(f"is not a readable .safetensors file (its header claims {n:,d} bytes of "
+                          f"a {size:,d}-byte file)", hint="it may be truncated or not a safetensors file")  # fmt: skip
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise RnncError(f"{what} '{path}' does not exist", code="E505") from None
+    except OSError as e:
+        raise bad(f"cannot be read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise bad(f"is not a readable .safetensors file (its header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise bad("is not a readable .safetensors file (its header is not a table of tensors)")
+    body, sizes = size - 8 - n, {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise bad("has a __metadata__ entry that is not a table of strings")
+            continue
+        label = f"entry '{str(name)[:60]}'"
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"has an {label} that is not a plain tensor (dtype, shape, data_offsets)")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise bad(f"has an {label} of dtype {str(dtype)[:20]}, which NumPy cannot hold exactly",
+                      hint="save it as F32 or F64")  # fmt: skip
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise bad(f"has an {label} whose shape is not a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= body):  # fmt: skip
+            raise bad(f"has an {label} whose data lies outside the file (truncated or forged?)")
+        nbytes = math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise bad(f"has an {label} of shape {shape} ({nbytes:,d} bytes) stored in "
+                      f"{offsets[1] - offsets[0]:,d} bytes")  # fmt: skip
+        sizes[str(name)] = nbytes
+    return sizes
+
+
+def load_safetensors(path: str, what: str = "file") -> dict[str, np.ndarray]:
+    from .memory import require_memory
+
+    sizes = safetensors_sizes(path, what)
+    require_memory(sum(sizes.values()), f"{what} '{path}' ({len(sizes)} arrays)",
+                   hint="the file holds more than fits in memory")  # fmt: skip
+    st = require_safetensors(path)
+    try:
+        return dict(st.load_file(path))
+    except Exception as e:  # SafetensorError (overlapping ranges, ...): the library's own checks
+        raise RnncError(f"{what} '{path}' is not a readable .safetensors file ({type(e).__name__}: {e})",
+                        code="E505") from None  # fmt: skip
 
 
 def save_npz(path: str, arrays: dict) -> None:

@@ -29,7 +29,7 @@ from . import tasks
 from .compiler import Model
 from .data import check_data
 from .errors import RnncError, UsageError
-from .files import atomic_write, load_npz, on_host, save_npz
+from .files import atomic_write, load_arrays, on_host, save_arrays
 from .memory import estimate, require_memory
 from .parallel import Single, sharded
 
@@ -154,7 +154,7 @@ def save_checkpoint(path: str, s: State, meta: dict) -> None:
     info = {**meta, "rnnc": __version__, "step": s.step, "offset": s.offset,
             "rng": s.rng.bit_generator.state}  # fmt: skip
     arrays["meta"] = np.frombuffer(json.dumps(info).encode(), dtype=np.uint8)
-    save_npz(path, arrays)
+    save_arrays(path, arrays)
 
 
 def checkpoint_meta(arrays: dict, path: str) -> dict:
@@ -205,7 +205,7 @@ def load_checkpoint(path: str, m: Model, dtype, meta: dict, settings: dict | Non
     this run's settings: a difference is refused by name unless `override`)."""
     from .data import check_params
 
-    arrays = load_npz(path, "checkpoint")
+    arrays = load_arrays(path, "checkpoint")
     info = checkpoint_meta(arrays, path)
     if info.get("model") != meta["model"]:
         raise RnncError(f"{path} was saved for model '{str(info.get('model'))[:60]}', "

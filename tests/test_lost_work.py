@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from rnnc.cli import main
 from rnnc.compiler import compile_spec
-from rnnc.files import load_npz
+from rnnc.files import load_npz, save_arrays
 from rnnc.train import load_checkpoint
 
 SPECS = os.path.join(os.path.dirname(__file__), "..", "specs")
@@ -143,8 +143,15 @@ def originals():
         rng = np.random.default_rng(0)
         np.savez(data, x=rng.normal(size=(5, 2, 27)), y=rng.integers(0, 27, (5, 2)),
                  **{"x.lengths": np.array([5, 3])})  # fmt: skip
-        with open(ck, "rb") as f, open(data, "rb") as g:
-            return {"checkpoint": f.read(), "data": g.read()}
+        ck_st, data_st = os.path.join(d, "ck.safetensors"), os.path.join(d, "d.safetensors")
+        assert main([*TRAIN, "--steps", "2", "--checkpoint", ck_st]) == 0
+        save_arrays(data_st, dict(np.load(data)))
+        out = {}
+        for key, path in (("checkpoint", ck), ("data", data), ("checkpoint.safetensors", ck_st),
+                          ("data.safetensors", data_st)):  # fmt: skip
+            with open(path, "rb") as f:
+                out[key] = f.read()
+        return out
 
 
 def damage(kind: str, raw: bytes, where: float, bits: list[int], junk: bytes) -> bytes:
@@ -159,17 +166,17 @@ def damage(kind: str, raw: bytes, where: float, bits: list[int], junk: bytes) ->
 
 
 @settings(max_examples=150)
-@given(which=st.sampled_from(["checkpoint", "data"]),
+@given(which=st.sampled_from(["checkpoint", "data", "checkpoint.safetensors", "data.safetensors"]),
        kind=st.sampled_from(["random", "truncated", "flipped"]),
        where=st.floats(0, 1), bits=st.lists(st.integers(0, 2**20), min_size=1, max_size=4),
        junk=st.binary(max_size=300))  # fmt: skip
 def test_damaged_files_are_refused_in_words(originals, which, kind, where, bits, junk):
     raw = damage(kind, originals[which], where, bits, junk)
     with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "f.npz")
+        path = os.path.join(d, "f.safetensors" if which.endswith(".safetensors") else "f.npz")
         with open(path, "wb") as f:
             f.write(raw)
-        if which == "checkpoint":
+        if which.startswith("checkpoint"):
             args = [*TRAIN, "--steps", "3", "--resume", "--checkpoint", path]
         else:
             args = ["run", ELMAN, "--data", path, "-o", os.path.join(d, "o.npz")]
