@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import sys
@@ -461,6 +462,66 @@ def bench_calls(m, T: int, B: int, seed: int, random_batch) -> dict:
             "forward+backward (training)": lambda: m.loss_and_grads(params, inputs, targets, rng=rng)}  # fmt: skip
 
 
+def cmd_convert(a) -> int:
+    """torch state_dict (.pt) <-> rnnc params (.npz / .safetensors), checked numerically."""
+    from . import interop
+    from .compiler import compile_spec
+    from .data import load_params
+    from .files import atomic_write, save_arrays
+
+    src_torch = a.input.lower().endswith((".pt", ".pth"))
+    dst_torch = a.output.lower().endswith((".pt", ".pth"))
+    if src_torch == dst_torch:
+        raise UsageError("convert goes from a torch state_dict (.pt) to rnnc params (.npz or "
+                         ".safetensors), or back", code="E501")  # fmt: skip
+    if src_torch:
+        sd = read_state_dict(a.input)
+        model = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model) if a.spec else None
+        model, params, report = interop.from_torch(sd, model, a.instance, a.nonlinearity)
+        save_arrays(a.output, {f"param/{k}": v for k, v in params.items()})
+        if a.spec_out:
+            atomic_write(a.spec_out, interop.library_spec(interop.config_of(interop.as_numpy(sd),
+                                                                             a.nonlinearity or "tanh"), a.instance).encode())  # fmt: skip
+        print(f"{report}\nwrote {a.output}" + (f" and {a.spec_out}" if a.spec_out else ""))
+        return 0
+    if not a.spec:
+        raise UsageError("converting rnnc params to torch needs --spec SPEC (the model they belong to)",
+                         code="E501")  # fmt: skip
+    torch = interop.require_torch()
+    model = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model)
+    params = load_params(a.input, model, np.float64)
+    kind = "RNN_RELU" if a.nonlinearity == "relu" else None
+    sd = interop.to_torch(model, params, a.instance, kind=kind, bias=not a.no_bias)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    atomic_write(a.output, buf.getvalue())
+    print(f"{model.graph.graph['model']} -> torch state_dict ({len(sd)} tensors): outputs agree "
+          f"(float64, limit {interop.TOLERANCE:g})\nwrote {a.output}")  # fmt: skip
+    return 0
+
+
+def read_state_dict(path: str) -> dict:
+    """A torch state_dict from a .pt file, with torch.load(weights_only=True): never
+    unpickling anything but tensors and containers."""
+    from . import interop
+
+    torch = interop.require_torch()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RnncError(f"'{path}' does not exist", code="E505") from None
+    except Exception as e:  # UnpicklingError: objects beyond tensors; RuntimeError: not a torch file
+        why = "it holds Python objects beyond tensors (a pickled module?)" if "Weights only" in str(e) \
+            else f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"  # fmt: skip
+        raise RnncError(f"'{path}' is not a torch file of weights only ({why})",
+                        hint="save module.state_dict() with torch.save; rnnc never unpickles code",
+                        code="E505") from None  # fmt: skip
+    if not isinstance(obj, dict) or not all(hasattr(v, "detach") for v in obj.values()):
+        raise RnncError(f"'{path}' holds {type(obj).__name__}, not a state_dict of tensors",
+                        hint="save module.state_dict()", code="E571")  # fmt: skip
+    return obj
+
+
 # ----- the parser -----
 
 
@@ -510,6 +571,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--train", action="store_true", help="train the model")
     c.add_argument("--generate", type=positive_int, metavar="N", help="sample N steps from a trained model")
     add_training_args(c)
+    c = sub.add_parser("convert", help="torch state_dict (.pt) <-> rnnc params, checked numerically")
+    c.add_argument("input", help="a torch state_dict (.pt), or rnnc params (.npz, .safetensors)")
+    c.add_argument("-o", "--output", required=True, help="rnnc params (.npz, .safetensors), or a .pt")
+    c.add_argument("--spec", help="the spec the params belong to (default from torch: the library cell)")
+    c.add_argument("--dim", action="append", metavar="NAME=N", help="set a dimension of --spec")
+    c.add_argument("--model", help="which model of --spec")
+    c.add_argument("--instance", default="h", help="the cell instance holding the weights (default h)")
+    c.add_argument("--nonlinearity", choices=["tanh", "relu"], help="of a torch.nn.RNN (default tanh)")
+    c.add_argument("--no-bias", action="store_true", help="to torch: a bias=False module")
+    c.add_argument("--spec-out", metavar="FILE", help="from torch: also write the library spec used")
     c = spec_cmd("gradcheck", "compare gradients with central differences in float64")
     c.add_argument("--steps", type=positive_int, default=5, help="sequence length T (default 5)")
     c.add_argument("--batch", type=positive_int, default=2)
@@ -563,6 +634,7 @@ def add_training_args(c: argparse.ArgumentParser) -> None:
 COMMANDS = {
     "check": cmd_check, "fmt": cmd_fmt, "graph": cmd_graph, "grad": cmd_grad,
     "compile": cmd_compile, "run": cmd_run, "gradcheck": cmd_gradcheck, "bench": cmd_bench,
+    "convert": cmd_convert,
 }  # fmt: skip
 
 

@@ -669,6 +669,7 @@ class Elaborator:
             k: [[d.prefix for d in row] for row in inst.layers]
             for k, inst in self.instances.items()
         }
+        g.graph["cells"] = {k: inst.layers[0][0].cell.name for k, inst in self.instances.items() if inst.layers}
         g.graph["model_span"] = self.model.span
         return g
 
