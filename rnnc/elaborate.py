@@ -390,7 +390,10 @@ class Elaborator:
                 )
             mode = v.name
         a, b = (self.expr(x, scope) for x in e.args)
-        per_step = self.mk("ce_probs" if e.fn == "cross_entropy" else "sqerr", [a, b], e.span)
+        if e.fn == "dot":  # a linear loss: its gradient with respect to a is b (a VJP's seed)
+            per_step = self.mk("sum_f", [(self.mk("mul", [a, b], e.span), 0)], e.span)
+        else:
+            per_step = self.mk("ce_probs" if e.fn == "cross_entropy" else "sqerr", [a, b], e.span)
         return (self.mk("loss_reduce", [(per_step, 0)], e.span, mode=mode, dom=None), 0)
 
     def final(self, e: S.Call, scope: Scope) -> Ref:

@@ -533,7 +533,7 @@ defop("sample", 1, vector, "sample({0}, {rng}, temperature)", int_out=True)
 defop("onehot", 1, vector, "onehot({0}, {n}, {dt})")
 
 # Op names a spec may call, and the losses elaborate.py expands.
-LOSSES = ("cross_entropy", "mse")
+LOSSES = ("cross_entropy", "mse", "dot")  # dot(a, b): Σ_i a_i b_i per step (a linear loss)
 TIME_FUNCS = ("last", "first", "final", "pairs")
 BY_SPELLING = {op.spelling or n: op for n, op in OPS.items() if op.user and op.kind != "leaf"}
 USER_OPS = sorted(BY_SPELLING) + list(LOSSES)
