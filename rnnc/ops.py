@@ -18,6 +18,7 @@ This module imports nothing from rnnc.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import re
@@ -64,6 +65,9 @@ class Op:
     accumulate: str | None = None
     attrs: dict[str, Any] = field(default_factory=dict)  # keyword arguments and defaults
     spelling: str | None = None  # the name a spec calls it by, where it differs from the IR's
+    # ONNX: onnx(b, *operand names, **attrs) -> the value's name, b being export.py's builder
+    # (b.op(type, *inputs, **attributes), b.shape: this value's feature shape, b.ints, b.f)
+    onnx: Callable[..., str] | None = None
 
 
 OPS: dict[str, Op] = {}
@@ -531,6 +535,63 @@ NOISE = ("dropout", "zoneout")
 
 defop("sample", 1, vector, "sample({0}, {rng}, temperature)", int_out=True)
 defop("onehot", 1, vector, "onehot({0}, {n}, {dt})")
+
+# ----- ONNX lowerings (export.py): each forward op as ONNX operators (opset 18) -----
+
+
+def unary(kind: str, **fixed):
+    return lambda b, x, **a: b.op(kind, x, **fixed)
+
+
+def binary(kind: str):
+    return lambda b, x, y, **a: b.op(kind, x, y)
+
+
+def reduce_last(kind: str):
+    return lambda b, x, **a: b.op(kind, x, b.ints([-1]), keepdims=0)
+
+
+def onnx_var(b, x, **a):
+    c = b.op("Sub", x, b.op("ReduceMean", x, b.ints([-1]), keepdims=1))
+    return b.op("ReduceMean", b.op("Mul", c, c), b.ints([-1]), keepdims=0)
+
+
+def onnx_rmsnorm(b, x, eps, **a):
+    ms = b.op("ReduceMean", b.op("Mul", x, x), b.ints([-1]), keepdims=1)
+    return b.op("Div", x, b.op("Sqrt", b.op("Add", ms, b.f(eps))))
+
+
+ONNX = {
+    "add": binary("Add"), "sub": binary("Sub"), "mul": binary("Mul"), "div": binary("Div"),
+    "neg": unary("Neg"), "identity": unary("Identity"), "sum": lambda b, *xs, **a: b.op("Sum", *xs),
+    "tanh": unary("Tanh"), "sigmoid": unary("Sigmoid"), "relu": unary("Relu"), "exp": unary("Exp"),
+    "log": unary("Log"), "softplus": unary("Softplus"),
+    "elu": lambda b, x, alpha, **a: b.op("Elu", x, alpha=float(alpha)),
+    "leaky_relu": lambda b, x, alpha, **a: b.op("LeakyRelu", x, alpha=float(alpha)),
+    "hard_sigmoid": unary("HardSigmoid", alpha=0.2, beta=0.5),
+    "sqrt": unary("Sqrt"), "rsqrt": lambda b, x, **a: b.op("Reciprocal", b.op("Sqrt", x)),
+    "abs": unary("Abs"), "square": lambda b, x, **a: b.op("Mul", x, x),
+    "minimum": binary("Min"), "maximum": binary("Max"),
+    "clip": lambda b, x, lo, hi, **a: b.op("Min", b.op("Max", x, lo), hi),
+    "softmax": unary("Softmax", axis=-1), "log_softmax": unary("LogSoftmax", axis=-1),
+    "sum_f": reduce_last("ReduceSum"), "mean": reduce_last("ReduceMean"), "max": reduce_last("ReduceMax"),
+    "min": reduce_last("ReduceMin"), "var": onnx_var,
+    "layernorm": lambda b, x, eps, **a: b.op("LayerNormalization", x, b.fill(b.shape, 1.0), b.fill(b.shape, 0.0),
+                                          axis=-1, epsilon=float(eps)),
+    "rmsnorm": onnx_rmsnorm,
+    "concat": lambda b, *xs, axis=-1, **a: b.op("Concat", *xs, axis=int(axis)),
+    "slice": lambda b, x, start, stop, axis=-1, **a: b.op("Slice", x, b.ints([start]), b.ints([stop]), b.ints([axis])),
+    "matmul": lambda b, w, x, **a: b.op("MatMul", x, b.op("Transpose", w)),  # x @ W.T
+    "batch": lambda b, p, **a: b.op("Expand", p, b.batch_shape(b.shape)),
+    "first": lambda b, h, **a: b.op("Gather", h, b.ints(0), axis=0),
+    "last": lambda b, h, **a: b.op("Gather", h, b.ints(-1), axis=0),  # full-length sequences
+    "impulse": lambda b, v, dom, **a: b.impulse(v, dom),
+    "pairs": lambda b, h, **a: b.pairs(h),
+    "dropout": lambda b, x, m, **a: b.op("Mul", x, m),
+    "zoneout": lambda b, new, old, m, **a: b.op("Add", b.op("Mul", m, old), b.op("Mul", b.op("Sub", b.f(1.0), m), new)),
+}  # fmt: skip
+for _name, _rule in ONNX.items():
+    OPS[_name] = dataclasses.replace(OPS[_name], onnx=_rule)
 
 # Op names a spec may call, and the losses elaborate.py expands.
 LOSSES = ("cross_entropy", "mse", "dot")  # dot(a, b): Σ_i a_i b_i per step (a linear loss)

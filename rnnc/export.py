@@ -1,0 +1,290 @@
+"""Model -> ONNX: the forward pass (inference, full-length sequences) as an ONNX graph.
+
+Steps that run once over a whole sequence become ONNX operators on [T, B, features] tensors;
+each time loop becomes a Scan whose body is one step (its states carried, the sequences it
+reads scanned, the values read later scanned out; a backward loop scans in reverse). Each op
+lowers through its `onnx` rule in the op registry (ops.py). Parameters are initializers;
+inputs are [T, B, F] (or [B, F] per sequence) with symbolic T and B. What cannot be exported
+is a located error that says why. Needs the `onnx` package (pip install 'rnnc[onnx]')."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .compiler import Model
+from .errors import RnncError
+from .graph import init_of, is_seq, label, operands
+from .ops import GLOBAL, OPS
+from .schedule import Loop, Once
+
+OPSET = 18
+
+
+def require_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise RnncError("exporting to ONNX needs the onnx package", hint="pip install 'rnnc[onnx]'",
+                        code="E580") from None  # fmt: skip
+    return onnx
+
+
+class Builder:
+    """Nodes, initializers and names of the graph being built (a Scan body nests one)."""
+
+    def __init__(self, onnx, model: Model):
+        self.onnx, self.h, self.model = onnx, onnx.helper, model
+        self.g = model.plans["forward"].graph
+        self.nodes: list = []  # the current graph's nodes
+        self.inits: list = []  # initializers (all in the main graph; bodies read them by name)
+        self.count = 0
+        self.shape: tuple[int, ...] = ()
+        self.seq_input: str | None = None  # a [T, B, F] graph input, for T and B
+
+    def info(self, name: str, n: int, step: bool = False):
+        """A value's type: float, of node n's rank ([T, B, ...] per step, [B, ...] per sequence
+        or inside a step, as declared for a parameter), its sizes left open."""
+        d = self.g.nodes[n]
+        lead = 0 if d["level"] == GLOBAL else 1 if (step or not is_seq(d["level"])) else 2
+        return self.h.make_tensor_value_info(name, self.onnx.TensorProto.FLOAT, [None] * (lead + len(d["shape"])))
+
+    def fresh(self, base: str) -> str:
+        self.count += 1
+        return f"{base}_{self.count}"
+
+    def op(self, kind: str, *inputs: str, **attrs: Any) -> str:
+        out = self.fresh(kind.lower())
+        self.nodes.append(self.h.make_node(kind, list(inputs), [out], **attrs))
+        return out
+
+    def tensor(self, value: np.ndarray, base: str = "c") -> str:
+        name = self.fresh(base)
+        self.inits.append(self.onnx.numpy_helper.from_array(value, name))
+        return name
+
+    def ints(self, v) -> str:
+        return self.tensor(np.asarray(v, np.int64), "i")
+
+    def f(self, v: float) -> str:
+        return self.tensor(np.asarray(v, np.float32), "f")
+
+    def fill(self, shape: tuple[int, ...], v: float) -> str:
+        return self.tensor(np.full(shape, v, np.float32), "fill")
+
+    def dim(self, axis: int) -> str:
+        """T (axis 0) or B (axis 1) of the input sequences, as a 1-element int64 tensor."""
+        if self.seq_input is None:
+            raise RnncError("the model has no input sequence to take T and B from", code="E581")
+        return self.op("Slice", self.op("Shape", self.seq_input), self.ints([axis]), self.ints([axis + 1]))
+
+    def batch_shape(self, shape: tuple[int, ...]) -> str:
+        return self.op("Concat", self.dim(1), self.ints(list(shape)), axis=0)
+
+    def zeros(self, shape: tuple[int, ...]) -> str:
+        return self.op("ConstantOfShape", self.batch_shape(shape),
+                       value=self.onnx.numpy_helper.from_array(np.zeros(1, np.float32)))  # fmt: skip
+
+    def impulse(self, v: str, dom: str) -> str:
+        """[T, B, F]: v at step 0, zeros after (first(v) of a per-sequence v)."""
+        rest = self.op("Sub", self.dim(0), self.ints([1]))
+        pads = self.op("Concat", self.ints([0, 0, 0]), rest, self.ints([0, 0]), axis=0)
+        return self.op("Pad", self.op("Unsqueeze", v, self.ints([0])), pads)
+
+    def pairs(self, h: str) -> str:
+        """[T, B, F] -> [T/2, B, 2F]: steps 2t and 2t+1 side by side."""
+        F = self.shape[-1] // 2
+        split = self.op("Concat", self.ints([-1, 2]), self.dim(1), self.ints([F]), axis=0)
+        x = self.op("Reshape", h, split)  # [T/2, 2, B, F]
+        return self.op("Reshape", self.op("Transpose", x, perm=[0, 2, 1, 3]), self.ints([0, 0, 2 * F]))
+
+    def reversed_in_time(self, x: str) -> str:
+        return self.op("Slice", x, self.ints([-1]), self.ints([-(2**63)]), self.ints([0]), self.ints([-1]))
+
+
+def export(model: Model, params: dict | None = None) -> Any:
+    """The onnx.ModelProto of the model's forward pass (float32), checked by onnx.checker;
+    the parameters are `params` (default: the spec's initialization, seed 0)."""
+    onnx = require_onnx()
+    b = Builder(onnx, model)
+    plan, g = model.plans["forward"], b.g
+    names: dict[int, str] = {}
+    graph_inputs = []
+    for name, (shape, dom, labels) in model.inputs.items():
+        dims = (["T_" + dom.replace("/", "_"), "B"] if dom != "static" else ["B"]) + list(shape)
+        if labels:
+            raise RnncError(f"input '{name}' holds class labels; the export takes real-valued inputs", code="E581")
+        graph_inputs.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
+        if dom != "static" and b.seq_input is None:
+            b.seq_input = name
+    params = model.init_params(0, np.float32) if params is None else params
+    loops = plan.loop_of()
+    for step in plan.steps:
+        if isinstance(step, Once):
+            names[step.node] = once(b, step.node, names, params)
+        else:
+            scan(b, step, names, plan, loops, params)
+    outputs = []
+    for out, n in plan.wanted.items():
+        outputs.append(b.info(out, n))
+        b.nodes.append(onnx.helper.make_node("Identity", [names[n]], [out]))
+    graph = onnx.helper.make_graph(b.nodes, g.graph["model"], graph_inputs, outputs, initializer=b.inits)
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)],
+                                   producer_name="rnnc")  # fmt: skip
+    proto.ir_version = 8
+    onnx.checker.check_model(proto, full_check=False)
+    return proto
+
+
+def refuse(g, n: int, why: str) -> RnncError:
+    return RnncError(f"cannot export '{label(g, n)}' to ONNX: {why}", g.nodes[n]["span"], code="E581")
+
+
+def leaf(b: Builder, n: int, params: dict) -> str:
+    g, d = b.g, b.g.nodes[n]
+    op, a = d["op"], d["attrs"]
+    if op == "param":
+        return b.tensor(np.asarray(params[a["name"]], np.float32), "p")
+    if op == "input":
+        return a["name"]
+    if op == "const":
+        return b.f(a["value"])
+    if op == "state_init":
+        return b.zeros(tuple(d["shape"]))
+    if op == "mask":  # inference: dropout off, zoneout at its expectation
+        return b.f(1.0 if a["kind"] == "dropout" else a["p"])
+    raise refuse(g, n, f"a {op} is not part of an exported forward pass")
+
+
+def lowered(b: Builder, n: int, args: list[str]) -> str:
+    """Node n's ONNX value from its operands' names (scalars per step get a feature axis)."""
+    g, d = b.g, b.g.nodes[n]
+    rule = OPS[d["op"]].onnx
+    if rule is None:
+        raise refuse(g, n, f"the op '{d['op']}' has no ONNX lowering")
+    ins = operands(g, n)
+    for i, (u, _) in enumerate(ins):
+        du = g.nodes[u]
+        if du["shape"] == () and d["shape"] != () and du["level"] != GLOBAL and OPS[d["op"]].shape.__name__ == "same":
+            args[i] = b.op("Unsqueeze", args[i], b.ints([-1]))
+    b.shape = tuple(d["shape"])
+    attrs = {k: v for k, v in d["attrs"].items()}
+    return rule(b, *args, **attrs)
+
+
+def once(b: Builder, n: int, names: dict[int, str], params: dict) -> str:
+    g, d = b.g, b.g.nodes[n]
+    if OPS[d["op"]].kind == "leaf":
+        return leaf(b, n, params)
+    args = []
+    for u, k in operands(g, n):
+        if k != 0:
+            raise refuse(g, n, "it reads another step outside a recurrence (x[t-k] of an input)")
+        args.append(names[u])
+    return lowered(b, n, args)
+
+
+def scan(b: Builder, loop: Loop, names: dict[int, str], plan, loops: dict, params: dict) -> None:
+    """A time loop as one Scan: states carried (k steps of history for a read at t-k),
+    sequences from outside scanned in, the values read after the loop scanned out."""
+    onnx, g = b.onnx, b.g
+    here = set(loop.nodes)
+    depth: dict[int, int] = {}
+    for n in loop.nodes:
+        for u, k in operands(g, n):
+            if u in here and k != 0:
+                if k * loop.direction < 0:
+                    raise refuse(g, n, "it reads both earlier and later steps in one recurrence")
+                depth[u] = max(depth.get(u, 0), abs(k))
+    outer_nodes, main_inits = b.nodes, []
+    b.nodes = []
+    body_in, scan_in, scan_in_names = [], [], {}
+    history: dict[tuple[int, int], str] = {}
+    for s in sorted(depth):
+        init = init_of(g, s)
+        if init is None or init not in names:
+            raise refuse(g, s, "its initial value is not computed before the recurrence")
+        for j in range(1, depth[s] + 1):
+            history[(s, j)] = nm = b.fresh(f"{label(g, s).replace('.', '_')}_prev{j}")
+            body_in.append(b.info(nm, s, step=True))
+            main_inits.append(names[init])
+    local: dict[int, str] = {}
+    for n in loop.nodes:
+        d = g.nodes[n]
+        if OPS[d["op"]].kind == "leaf":
+            raise refuse(g, n, "a leaf inside a recurrence")
+        args = []
+        for u, k in operands(g, n):
+            if u in here:
+                args.append(local[u] if k == 0 else history[(u, abs(k))])
+            elif is_seq(g.nodes[u]["level"]) and g.nodes[u]["op"] != "mask":  # (a mask is a constant here)
+                if k != 0:
+                    raise refuse(g, n, "it reads another step of a sequence computed outside the recurrence")
+                if u not in scan_in_names:
+                    scan_in_names[u] = nm = b.fresh(f"{label(g, u).replace('.', '_')}_t")
+                    body_in.append(b.info(nm, u, step=True))
+                    scan_in.append(names[u])
+                args.append(scan_in_names[u])
+            else:
+                args.append(names[u])  # per sequence or model-wide: read from the outer scope
+        local[n] = lowered(b, n, args)
+    outs_state, outs_scan, kept = [], [], []
+    for s in sorted(depth):
+        chain = [local[s]] + [history[(s, j)] for j in range(1, depth[s])]
+        for v in chain:
+            nm = b.op("Identity", v)
+            outs_state.append(b.info(nm, s, step=True))
+    needed_after = [n for n in loop.nodes if n in plan.stored or n in plan.wanted.values()]
+    for n in needed_after:
+        nm = b.op("Identity", local[n])
+        outs_scan.append(b.info(nm, n, step=True))
+        kept.append(n)
+    body = onnx.helper.make_graph(b.nodes, b.fresh("step"), body_in, outs_state + outs_scan)
+    b.nodes = outer_nodes
+    finals = [b.fresh("final") for _ in outs_state]
+    seqs = [b.fresh(f"{label(g, n).replace('.', '_')}_seq") for n in kept]
+    if not scan_in:
+        raise refuse(g, loop.nodes[0], "a recurrence that reads no sequence has no steps to scan")
+    back = loop.direction < 0  # scanned forward over the sequences reversed in time, then back
+    scanned = [b.reversed_in_time(x) for x in scan_in] if back else scan_in
+    b.nodes.append(onnx.helper.make_node("Scan", main_inits + scanned, finals + seqs, body=body,
+                                         num_scan_inputs=len(scan_in)))  # fmt: skip
+    for n, nm in zip(kept, seqs, strict=True):
+        names[n] = b.reversed_in_time(nm) if back else nm
+
+
+def random_inputs(model: Model, T: int = 6, B: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: rng.normal(size=((T, B) if dom != "static" else (B,)) + tuple(shape)).astype(np.float32)
+            for name, (shape, dom, _) in model.inputs.items()}  # fmt: skip
+
+
+def largest_error(model: Model, proto: Any, params: dict | None = None, run=None) -> float:
+    """The largest norm-wise relative difference between rnnc's forward pass (float32) and
+    `run(proto, inputs)` (default: onnx's ReferenceEvaluator) on a random batch."""
+    if run is None:
+        from onnx.reference import ReferenceEvaluator
+
+        def run(proto, inputs):
+            ev = ReferenceEvaluator(proto)
+            return dict(zip(ev.output_names, ev.run(None, inputs), strict=True))
+
+    inputs = random_inputs(model)
+    params = model.init_params(0, np.float32) if params is None else params
+    want = model.forward({k: np.asarray(v, np.float32) for k, v in params.items()}, inputs)
+    got = run(proto, inputs)
+    return max(float(np.linalg.norm(got[k] - want[k]) / max(np.linalg.norm(want[k]), 1e-30)) for k in want)
+
+
+def export_to(model: Model, path: str, params: dict | None = None) -> tuple[Any, float]:
+    """Export, check against rnnc on a random batch (<= 1e-5), write atomically."""
+    from .files import atomic_write
+
+    proto = export(model, params)
+    err = largest_error(model, proto, params)
+    if not err <= 1e-5:
+        raise RnncError(f"the exported graph computes something else: outputs differ by {err:.1e}",
+                        hint="this is a bug in rnnc's ONNX export", code="E582")  # fmt: skip
+    atomic_write(path, proto.SerializeToString())
+    return proto, err

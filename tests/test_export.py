@@ -1,0 +1,80 @@
+"""ONNX export (issue 15, item 3): every shipped spec's forward pass as an ONNX graph that
+onnx.checker accepts and that onnxruntime and onnx's reference evaluator run to rnnc's
+outputs (float32, 1e-5 relative); random cells too; what cannot be exported is a located
+error."""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from strategies import cells
+
+onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install '.[test]')")
+ort = pytest.importorskip("onnxruntime", reason="the check needs onnxruntime (pip install '.[test]')")
+
+from rnnc.cli import main  # noqa: E402
+from rnnc.compiler import compile_spec  # noqa: E402
+from rnnc.errors import RnncError  # noqa: E402
+from rnnc.export import export, largest_error  # noqa: E402
+from rnnc.format import format_program  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+SPECS = sorted(glob.glob(os.path.join(ROOT, "specs", "*.rnn")))
+
+
+def onnxruntime(proto, inputs):
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, inputs), strict=True))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[os.path.basename(s) for s in SPECS])
+def test_every_shipped_spec_exports_and_runs_the_same(spec):
+    m = compile_spec(spec, dims={"H": 8})
+    rng = np.random.default_rng(1)
+    params = {k: (v + 0.3 * rng.normal(size=v.shape)).astype(np.float32) for k, v in m.init_params(0).items()}
+    proto = export(m, params)
+    onnx.checker.check_model(proto, full_check=True)
+    assert largest_error(m, proto, params, run=onnxruntime) <= 1e-5
+    assert largest_error(m, proto, params) <= 1e-5  # onnx.reference.ReferenceEvaluator
+    assert [o.name for o in proto.graph.output] == list(m.plans["forward"].wanted)
+
+
+@settings(max_examples=12)
+@given(cells(allow_lengths=False))
+def test_random_cells_export_and_run_the_same(case):
+    program, _ = case
+    m = compile_spec(format_program(program))
+    proto = export(m)
+    assert largest_error(m, proto, run=onnxruntime) <= 1e-5
+
+
+@pytest.mark.parametrize("body, words", [
+    ("h = tanh(W @ x[t-1] + U @ h[t-1])", "cannot export"),
+])  # fmt: skip
+def test_what_cannot_be_exported_is_a_located_error(body, words):
+    text = f"model m {{\n  dim I = 3, H = 4\n  input x[I] : sequence\n  param W[H, I], U[H, H]\n  {body}\n}}\n"
+    m = compile_spec(text)
+    with pytest.raises(RnncError) as e:
+        export(m)
+    assert words in str(e.value) and "another step" in str(e.value)
+    assert e.value.span.line == 5
+
+
+def test_rnnc_export_on_the_command_line(tmp_path, capsys):
+    out = str(tmp_path / "m.onnx")
+    assert main(["export", os.path.join(ROOT, "specs", "lstm.rnn"), "--dim", "H=8", "-o", out]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith(f"wrote {out}:") and "reproduces rnnc's forward pass to" in said
+    proto = onnx.load(out)
+    assert {n.op_type for n in proto.graph.node} >= {"Scan"}
+
+
+def test_without_onnx_the_refusal_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert main(["export", os.path.join(ROOT, "specs", "elman.rnn"), "-o", str(tmp_path / "m.onnx")]) == 1
+    assert "pip install 'rnnc[onnx]'" in capsys.readouterr().err
