@@ -9,8 +9,10 @@ is a located error that says why. Needs the `onnx` package (pip install 'rnnc[on
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import networkx as nx
 import numpy as np
 
 from .compiler import Model
@@ -103,13 +105,94 @@ class Builder:
         return self.op("Slice", x, self.ints([-1]), self.ints([-(2**63)]), self.ints([0]), self.ints([-1]))
 
 
-def export(model: Model, params: dict | None = None) -> Any:
+# ----- library cells as ONNX's own recurrent operators -----
+# ONNX orders the LSTM gates i, o, f, c and the GRU gates z, r, h; PyTorch (and the library)
+# i, f, g, o and r, z, n. GRU's reset gate on W_hn h + b_hn is linear_before_reset=1.
+# RNNReLU stays a Scan: onnx's reference evaluator knows no Relu activation for RNN.
+STOCK = {"LSTM": ("LSTM", [0, 3, 1, 2]), "GRU": ("GRU", [1, 0, 2]), "RNN": ("RNN", [0])}
+
+
+@dataclass
+class Layer:
+    """One layer of a library-cell instance exported as one ONNX LSTM/GRU/RNN operator."""
+
+    cell: str
+    prefixes: list[str]  # [fwd] or [fwd, bwd]
+    outputs: list[int]  # each direction's output node
+    inside: set[int]  # the nodes the operator replaces
+    source: int  # the node it reads
+    direction: str  # forward | reverse | bidirectional
+
+
+def stock_layers(model: Model, plan) -> list[Layer]:
+    """The layers of library RNN/LSTM/GRU instances that can become ONNX operators: zero
+    initial states, nothing inside read from outside but the outputs, one input."""
+    g = plan.graph
+    loops = plan.loop_of()
+    used = {n for st in plan.steps for n in ([st.node] if isinstance(st, Once) else st.nodes)}  # not the adjoints
+    by_name = {d["name"]: n for n, d in g.nodes(data=True) if d.get("name")}
+    out = []
+    for inst, cell in g.graph.get("cells", {}).items():
+        if cell not in STOCK:
+            continue
+        for row in g.graph["instances"][inst]:
+            outs = [by_name.get(f"{p}.h") for p in row]
+            mine = [by_name.get(f"{p}.{w}") for p in row for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            if None in outs or None in mine or any(o not in loops for o in outs):
+                continue
+            ups = set().union(*(nx.ancestors(g, o) | {o} for o in outs))
+            downs = set().union(*(nx.descendants(g, w) for w in mine))
+            inside = ups & downs
+            feeds = {u for n in inside for u, _ in operands(g, n) if u not in inside}
+            feeds -= set(mine)
+            states_ok = all(g.nodes[init_of(g, n)]["op"] == "state_init" for n in inside
+                            if init_of(g, n) is not None)  # fmt: skip
+            sources = sorted({through_identities(g, u) for u in feeds if g.nodes[u]["op"] not in ("state_init", "const")})
+            leaks = any(v in used and v not in inside for n in inside - set(outs) for v in g.successors(n))
+            dirs = [plan.steps[loops[o]].direction for o in outs]
+            if len(sources) != 1 or leaks or not states_ok or (len(outs) == 2 and dirs != [1, -1]):
+                continue
+            way = "bidirectional" if len(outs) == 2 else ("forward" if dirs[0] > 0 else "reverse")
+            out.append(Layer(cell, row, outs, inside, sources[0], way))
+    return out
+
+
+def through_identities(g, n: int) -> int:
+    """The value an identity (a cell's port, say) passes on."""
+    while g.nodes[n]["op"] == "identity" and len(operands(g, n)) == 1 and operands(g, n)[0][1] == 0:
+        n = operands(g, n)[0][0]
+    return n
+
+
+def emit_layer(b: Builder, layer: Layer, names: dict[int, str], params: dict) -> None:
+    """The layer as one ONNX operator; each direction's output [T, B, H] named."""
+    kind, order = STOCK[layer.cell]
+    H = params[f"{layer.prefixes[0]}.weight_hh"].shape[1]
+
+    def packed(name: str) -> np.ndarray:  # [directions, gates*H, ...] in ONNX's gate order
+        return np.stack([np.concatenate([params[f"{p}.{name}"][k * H:(k + 1) * H] for k in order])
+                         for p in layer.prefixes]).astype(np.float32)  # fmt: skip
+
+    W, R = b.tensor(packed("weight_ih"), "W"), b.tensor(packed("weight_hh"), "R")
+    bias = b.tensor(np.concatenate([packed("bias_ih"), packed("bias_hh")], axis=1), "B")
+    attrs: dict[str, Any] = {"hidden_size": int(H), "direction": layer.direction}
+    if kind == "GRU":
+        attrs["linear_before_reset"] = 1
+    if kind == "RNN":
+        attrs["activations"] = ["Tanh"] * len(layer.prefixes)
+    Y = b.fresh(kind.lower() + "_Y")
+    b.nodes.append(b.h.make_node(kind, [names[layer.source], W, R, bias], [Y], **attrs))
+    for d, o in enumerate(layer.outputs):  # Y: [T, directions, B, H]
+        names[o] = b.op("Squeeze", b.op("Slice", Y, b.ints([d]), b.ints([d + 1]), b.ints([1])), b.ints([1]))
+
+
+def export(model: Model, params: dict | None = None, stock: bool = True) -> Any:
     """The onnx.ModelProto of the model's forward pass (float32), checked by onnx.checker;
-    the parameters are `params` (default: the spec's initialization, seed 0)."""
+    the parameters are `params` (default: the spec's initialization, seed 0). With `stock`,
+    layers of the library's RNN, LSTM and GRU become ONNX's own operators."""
     onnx = require_onnx()
     b = Builder(onnx, model)
     plan, g = model.plans["forward"], b.g
-    names: dict[int, str] = {}
     graph_inputs = []
     for name, (shape, dom, labels) in model.inputs.items():
         dims = (["T_" + dom.replace("/", "_"), "B"] if dom != "static" else ["B"]) + list(shape)
@@ -120,8 +203,20 @@ def export(model: Model, params: dict | None = None) -> Any:
             b.seq_input = name
     params = model.init_params(0, np.float32) if params is None else params
     loops = plan.loop_of()
+    layers = stock_layers(model, plan) if stock else []
+    seen: set[int] = set()
+    names = Params(b, params)  # a parameter becomes an initializer where something reads it
     for step in plan.steps:
+        nodes = [step.node] if isinstance(step, Once) else step.nodes
+        layer = next((la for la in layers if set(nodes) & la.inside), None)
+        if layer is not None:  # replaced by the layer's operator, written once its loops are passed
+            seen |= set(nodes)
+            if set(layer.outputs) <= seen and layer.outputs[0] not in names:
+                emit_layer(b, layer, names, params)
+            continue
         if isinstance(step, Once):
+            if g.nodes[step.node]["op"] == "param":
+                continue
             names[step.node] = once(b, step.node, names, params)
         else:
             scan(b, step, names, plan, loops, params)
@@ -135,6 +230,23 @@ def export(model: Model, params: dict | None = None) -> Any:
     proto.ir_version = 8
     onnx.checker.check_model(proto, full_check=False)
     return proto
+
+
+class Params(dict):
+    """Node -> ONNX value name; a parameter's initializer is made on its first read."""
+
+    def __init__(self, b: Builder, params: dict):
+        super().__init__()
+        self.b, self.params = b, params
+
+    def __missing__(self, n: int) -> str:
+        if self.b.g.nodes[n]["op"] != "param":
+            raise KeyError(n)
+        self[n] = name = leaf(self.b, n, self.params)
+        return name
+
+    def __contains__(self, n) -> bool:
+        return dict.__contains__(self, n)
 
 
 def refuse(g, n: int, why: str) -> RnncError:

@@ -78,3 +78,59 @@ def test_without_onnx_the_refusal_says_how_to_get_it(tmp_path, capsys, monkeypat
     monkeypatch.setitem(sys.modules, "onnx", None)
     assert main(["export", os.path.join(ROOT, "specs", "elman.rnn"), "-o", str(tmp_path / "m.onnx")]) == 1
     assert "pip install 'rnnc[onnx]'" in capsys.readouterr().err
+
+
+STOCK = {"RNN": "RNN", "LSTM": "LSTM", "GRU": "GRU"}  # RNNReLU: a Scan (see export.py)
+
+
+@pytest.mark.parametrize("cell", ["RNN", "RNNReLU", "LSTM", "GRU", "LSTMP", "PeepholeLSTM", "MGU"])
+@pytest.mark.parametrize("mods", ["", "stack(2) bidirectional ", "reverse "])
+def test_library_cells_become_onnx_recurrent_operators(cell, mods):
+    """ONNX's LSTM/GRU/RNN for the library's stock cells (gates permuted, GRU with
+    linear_before_reset), a Scan for the others; both run as rnnc does."""
+    size = "H=H, P=P" if cell == "LSTMP" else "H=H"
+    text = f"use {cell}\n\nmodel m {{\n  dim I = 3, H = 5, P = 2\n  input x[I] : sequence\n  h = {mods}{cell}(x, {size})\n}}\n"
+    m = compile_spec(text)
+    rng = np.random.default_rng(2)
+    params = {k: (v + 0.4 * rng.normal(size=v.shape)).astype(np.float32) for k, v in m.init_params(0).items()}
+    for stock in (True, False):
+        proto = export(m, params, stock=stock)
+        kinds = {n.op_type for n in proto.graph.node}
+        if stock and cell in STOCK:
+            assert STOCK[cell] in kinds and "Scan" not in kinds
+        else:
+            assert "Scan" in kinds and not kinds & {"LSTM", "GRU", "RNN"}
+        assert largest_error(m, proto, params, run=onnxruntime) <= 1e-5
+        assert largest_error(m, proto, params) <= 1e-5
+
+
+def test_a_torch_module_through_rnnc_to_onnx_runs_as_torch_does():
+    torch = pytest.importorskip("torch", reason="needs torch")
+    from rnnc import interop
+
+    torch.manual_seed(3)
+    mod = torch.nn.LSTM(4, 6, num_layers=2, bidirectional=True)
+    model, params, _ = interop.from_torch(mod)
+    proto = export(model, {k: v.astype(np.float32) for k, v in params.items()})
+    x = np.random.default_rng(4).normal(size=(9, 2, 4)).astype(np.float32)
+    got = onnxruntime(proto, {"x": x})["h"]
+    with torch.no_grad():
+        want = mod(torch.tensor(x))[0].numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert [n.op_type for n in proto.graph.node].count("LSTM") == 2
+
+
+def test_a_library_cell_whose_state_is_read_elsewhere_stays_a_scan():
+    """The decoder starts from the encoder's final h and c: the encoder's cell state is read
+    outside it, and the decoder's start is not zero, so both run as Scans (and run right)."""
+    text = "use LSTM\n\nmodel m {\n  dim I = 3, H = 4\n  input src[I] : sequence\n  input tgt[I] : sequence\n" \
+           "  e = LSTM(src, H=H)\n  d = LSTM(tgt, H=H, init=final(e))\n}\n"  # fmt: skip
+    m = compile_spec(text)
+    proto = export(m)
+    kinds = [n.op_type for n in proto.graph.node]
+    assert kinds.count("Scan") == 2 and "LSTM" not in kinds
+    rng = np.random.default_rng(5)
+    inputs = {"src": rng.normal(size=(7, 2, 3)).astype(np.float32), "tgt": rng.normal(size=(4, 2, 3)).astype(np.float32)}
+    want = m.forward(m.init_params(0), inputs)
+    got = onnxruntime(proto, inputs)
+    assert all(np.abs(got[k] - want[k]).max() <= 1e-5 * np.abs(want[k]).max() for k in want)
