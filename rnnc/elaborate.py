@@ -673,6 +673,7 @@ class Elaborator:
             for k, inst in self.instances.items()
         }
         g.graph["cells"] = {k: inst.layers[0][0].cell.name for k, inst in self.instances.items() if inst.layers}
+        g.graph["cell_defs"] = {k: inst.layers[0][0].cell for k, inst in self.instances.items() if inst.layers}
         g.graph["model_span"] = self.model.span
         return g
 

@@ -18,7 +18,9 @@ import numpy as np
 from .compiler import Model
 from .errors import RnncError
 from .graph import init_of, is_seq, label, operands
+from .imports import library_text
 from .ops import GLOBAL, OPS
+from .parse import parse
 from .schedule import Loop, Once
 
 OPSET = 18
@@ -132,9 +134,10 @@ def stock_layers(model: Model, plan) -> list[Layer]:
     used = {n for st in plan.steps for n in ([st.node] if isinstance(st, Once) else st.nodes)}  # not the adjoints
     by_name = {d["name"]: n for n, d in g.nodes(data=True) if d.get("name")}
     out = []
+    library = {c.name: c for c in parse(*library_text()).items}
     for inst, cell in g.graph.get("cells", {}).items():
-        if cell not in STOCK:
-            continue
+        if cell not in STOCK or g.graph.get("cell_defs", {}).get(inst) != library.get(cell):
+            continue  # only the library's own cell (a cell of the same name may compute otherwise)
         for row in g.graph["instances"][inst]:
             outs = [by_name.get(f"{p}.h") for p in row]
             mine = [by_name.get(f"{p}.{w}") for p in row for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
