@@ -508,7 +508,7 @@ def cmd_export(a) -> int:
 
     m = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model)
     params = load_params(a.params, m, np.float32) if a.params else None
-    proto, err = export_to(m, a.output, params)
+    proto, err = export_to(m, a.output, params, loss=a.loss)
     print(f"wrote {a.output}: {len(proto.graph.node)} nodes, opset {OPSET}, outputs "
           f"{', '.join(o.name for o in proto.graph.output)}; onnx.checker passed; onnx's reference "
           f"evaluator reproduces rnnc's forward pass to {err:.1e}")  # fmt: skip
@@ -589,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = spec_cmd("export", "the forward pass as an ONNX model (inference)")
     c.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     c.add_argument("--params", help="the weights to export (.npz or .safetensors; default: the spec's initialization)")
+    c.add_argument("--loss", action="store_true", help="the targets as inputs too, and the loss as an output")
     c = sub.add_parser("convert", help="torch state_dict (.pt) <-> rnnc params, checked numerically")
     c.add_argument("input", help="a torch state_dict (.pt), or rnnc params (.npz, .safetensors)")
     c.add_argument("-o", "--output", required=True, help="rnnc params (.npz, .safetensors), or a .pt")

@@ -46,6 +46,8 @@ class Builder:
         self.count = 0
         self.shape: tuple[int, ...] = ()
         self.seq_input: str | None = None  # a [T, B, F] graph input, for T and B
+        self.levels: list[str] = []  # the operands' levels, for the rule being lowered
+        self.in_step = False  # building a Scan's body: per-step values are [B, ...]
 
     def info(self, name: str, n: int, step: bool = False):
         """A value's type: float, of node n's rank ([T, B, ...] per step, [B, ...] per sequence
@@ -102,6 +104,20 @@ class Builder:
         split = self.op("Concat", self.ints([-1, 2]), self.dim(1), self.ints([F]), axis=0)
         x = self.op("Reshape", h, split)  # [T/2, 2, B, F]
         return self.op("Reshape", self.op("Transpose", x, perm=[0, 2, 1, 3]), self.ints([0, 0, 2 * F]))
+
+    def at_label(self, z: str, y: str) -> str:
+        """z[..., y]: each row's entry at its class label (z and y of one level)."""
+        if self.levels[0] != self.levels[1]:
+            raise RnncError("a per-sequence score read by per-step labels is not exported", code="E581")
+        y = self.op("Unsqueeze", self.op("Cast", y, to=self.onnx.TensorProto.INT64), self.ints([-1]))
+        axis = 2 if is_seq(self.levels[0]) and not self.in_step else 1  # (the reference evaluator wants it >= 0)
+        return self.op("Squeeze", self.op("GatherElements", z, y, axis=axis), self.ints([-1]))
+
+    def loss_reduce(self, per_step: str, mode: str) -> str:
+        """Summed (or averaged) over time, averaged over the batch (full-length sequences)."""
+        if is_seq(self.levels[0]) and mode == "sum":
+            return self.op("ReduceMean", self.op("ReduceSum", per_step, self.ints([0]), keepdims=0), keepdims=0)
+        return self.op("ReduceMean", per_step, keepdims=0)
 
     def reversed_in_time(self, x: str) -> str:
         return self.op("Slice", x, self.ints([-1]), self.ints([-(2**63)]), self.ints([0]), self.ints([-1]))
@@ -189,21 +205,28 @@ def emit_layer(b: Builder, layer: Layer, names: dict[int, str], params: dict) ->
         names[o] = b.op("Squeeze", b.op("Slice", Y, b.ints([d]), b.ints([d + 1]), b.ints([1])), b.ints([1]))
 
 
-def export(model: Model, params: dict | None = None, stock: bool = True) -> Any:
+def export(model: Model, params: dict | None = None, stock: bool = True, loss: bool = False) -> Any:
     """The onnx.ModelProto of the model's forward pass (float32), checked by onnx.checker;
     the parameters are `params` (default: the spec's initialization, seed 0). With `stock`,
-    layers of the library's RNN, LSTM and GRU become ONNX's own operators."""
+    layers of the library's RNN, LSTM and GRU become ONNX's own operators. With `loss`, the
+    targets are inputs too and the loss an output (full-length sequences)."""
     onnx = require_onnx()
     b = Builder(onnx, model)
-    plan, g = model.plans["forward"], b.g
+    if loss and "loss" not in model.plans:
+        raise RnncError("the model has no loss to export", code="E581")
+    plan = model.plans["loss" if loss else "forward"]
+    b.g = g = plan.graph
     graph_inputs = []
-    for name, (shape, dom, labels) in model.inputs.items():
-        dims = (["T_" + dom.replace("/", "_"), "B"] if dom != "static" else ["B"]) + list(shape)
-        if labels:
-            raise RnncError(f"input '{name}' holds class labels; the export takes real-valued inputs", code="E581")
-        graph_inputs.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
-        if dom != "static" and b.seq_input is None:
-            b.seq_input = name
+    tables = [("inputs", model.inputs)] + ([("targets", model.targets)] if loss else [])
+    for kind, table in tables:
+        for name, (shape, dom, labels) in table.items():
+            dims = (["T_" + dom.replace("/", "_"), "B"] if dom != "static" else ["B"]) + ([] if labels else list(shape))
+            if labels and kind == "inputs":
+                raise RnncError(f"input '{name}' holds class labels; the export takes real-valued inputs", code="E581")
+            elem = onnx.TensorProto.INT64 if labels else onnx.TensorProto.FLOAT
+            graph_inputs.append(onnx.helper.make_tensor_value_info(name, elem, dims))
+            if dom != "static" and b.seq_input is None and kind == "inputs":
+                b.seq_input = name
     params = model.init_params(0, np.float32) if params is None else params
     loops = plan.loop_of()
     layers = stock_layers(model, plan) if stock else []
@@ -261,7 +284,7 @@ def leaf(b: Builder, n: int, params: dict) -> str:
     op, a = d["op"], d["attrs"]
     if op == "param":
         return b.tensor(np.asarray(params[a["name"]], np.float32), "p")
-    if op == "input":
+    if op in ("input", "target"):
         return a["name"]
     if op == "const":
         return b.f(a["value"])
@@ -284,6 +307,7 @@ def lowered(b: Builder, n: int, args: list[str]) -> str:
         if du["shape"] == () and d["shape"] != () and du["level"] != GLOBAL and OPS[d["op"]].shape.__name__ == "same":
             args[i] = b.op("Unsqueeze", args[i], b.ints([-1]))
     b.shape = tuple(d["shape"])
+    b.levels = [g.nodes[u]["level"] for u, _ in ins]
     attrs = {k: v for k, v in d["attrs"].items()}
     return rule(b, *args, **attrs)
 
@@ -313,7 +337,7 @@ def scan(b: Builder, loop: Loop, names: dict[int, str], plan, loops: dict, param
                     raise refuse(g, n, "it reads both earlier and later steps in one recurrence")
                 depth[u] = max(depth.get(u, 0), abs(k))
     outer_nodes, main_inits = b.nodes, []
-    b.nodes = []
+    b.nodes, b.in_step = [], True
     body_in, scan_in, scan_in_names = [], [], {}
     history: dict[tuple[int, int], str] = {}
     for s in sorted(depth):
@@ -356,7 +380,7 @@ def scan(b: Builder, loop: Loop, names: dict[int, str], plan, loops: dict, param
         outs_scan.append(b.info(nm, n, step=True))
         kept.append(n)
     body = onnx.helper.make_graph(b.nodes, b.fresh("step"), body_in, outs_state + outs_scan)
-    b.nodes = outer_nodes
+    b.nodes, b.in_step = outer_nodes, False
     finals = [b.fresh("final") for _ in outs_state]
     seqs = [b.fresh(f"{label(g, n).replace('.', '_')}_seq") for n in kept]
     if not scan_in:
@@ -392,12 +416,12 @@ def largest_error(model: Model, proto: Any, params: dict | None = None, run=None
     return max(float(np.linalg.norm(got[k] - want[k]) / max(np.linalg.norm(want[k]), 1e-30)) for k in want)
 
 
-def export_to(model: Model, path: str, params: dict | None = None) -> tuple[Any, float]:
-    """Export, check against rnnc on a random batch (<= 1e-5), write atomically."""
+def export_to(model: Model, path: str, params: dict | None = None, loss: bool = False) -> tuple[Any, float]:
+    """Export, check the forward pass against rnnc on a random batch (<= 1e-5), write atomically."""
     from .files import atomic_write
 
-    proto = export(model, params)
-    err = largest_error(model, proto, params)
+    proto = export(model, params, loss=loss)
+    err = largest_error(model, export(model, params) if loss else proto, params)
     if not err <= 1e-5:
         raise RnncError(f"the exported graph computes something else: outputs differ by {err:.1e}",
                         hint="this is a bug in rnnc's ONNX export", code="E582")  # fmt: skip

@@ -588,6 +588,12 @@ ONNX = {
     "impulse": lambda b, v, dom, **a: b.impulse(v, dom),
     "pairs": lambda b, h, **a: b.pairs(h),
     "dropout": lambda b, x, m, **a: b.op("Mul", x, m),
+    # losses (an export with targets): the label's entry by GatherElements, then reduced
+    "ce_logits": lambda b, z, y, **a: b.op("Sub", b.op("ReduceLogSumExp", z, b.ints([-1]), keepdims=0), b.at_label(z, y)),
+    "ce_probs": lambda b, p, y, **a: b.op("Neg", b.op("Log", b.op("Max", b.at_label(p, y), b.f(1.1754944e-38)))),
+    "ce_sigmoid": lambda b, z, y, **a: b.op("Softplus", b.op("Neg", b.at_label(z, y))),
+    "sqerr": lambda b, x, y, **a: b.op("ReduceMean", b.op("Mul", d := b.op("Sub", x, y), d), b.ints([-1]), keepdims=0),
+    "loss_reduce": lambda b, l, mode, **a: b.loss_reduce(l, mode),
     "zoneout": lambda b, new, old, m, **a: b.op("Add", b.op("Mul", m, old), b.op("Mul", b.op("Sub", b.f(1.0), m), new)),
 }  # fmt: skip
 for _name, _rule in ONNX.items():

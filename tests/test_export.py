@@ -20,7 +20,7 @@ ort = pytest.importorskip("onnxruntime", reason="the check needs onnxruntime (pi
 from rnnc.cli import main  # noqa: E402
 from rnnc.compiler import compile_spec  # noqa: E402
 from rnnc.errors import RnncError  # noqa: E402
-from rnnc.export import export, largest_error  # noqa: E402
+from rnnc.export import export, largest_error, random_inputs  # noqa: E402
 from rnnc.format import format_program  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -153,3 +153,42 @@ def test_a_users_cell_named_lstm_is_not_taken_for_the_librarys():
     proto = export(m)
     assert "LSTM" not in {n.op_type for n in proto.graph.node}
     assert largest_error(m, proto, run=onnxruntime) <= 1e-5
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[os.path.basename(s) for s in SPECS])
+def test_heads_and_losses_export_with_the_targets_as_inputs(spec):
+    m = compile_spec(spec, dims={"H": 8})
+    rng = np.random.default_rng(3)
+    params = {k: (v + 0.3 * rng.normal(size=v.shape)).astype(np.float32) for k, v in m.init_params(0).items()}
+    inputs = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in random_inputs(m).items()}
+    targets = {}
+    for name, (shape, dom, labels) in m.targets.items():
+        lead = (6 >> dom.count("/"), 3) if dom != "static" else (3,)
+        targets[name] = rng.integers(0, shape[0], size=lead) if labels else rng.normal(size=lead + shape).astype(np.float32)
+    proto = export(m, params, loss=True)
+    want = m.loss(params, inputs, targets)
+    from onnx.reference import ReferenceEvaluator
+
+    for got in (onnxruntime(proto, {**inputs, **targets}),
+                dict(zip((ev := ReferenceEvaluator(proto)).output_names,
+                         ev.run(None, {**inputs, **targets}), strict=True))):  # fmt: skip
+        assert set(got) == set(want)
+        for k in want:
+            assert np.linalg.norm(got[k] - want[k]) <= 1e-5 * np.linalg.norm(want[k]), k
+
+
+@pytest.mark.parametrize("head", ["0.5 * softmax(Wy @ h) + 0.5 * softmax(Vy @ h)", "sigmoid(Wy @ h)", "softmax(Wy @ h)"],
+                         ids=["probabilities", "sigmoid", "softmax"])  # fmt: skip
+def test_each_cross_entropy_exports(head):
+    text = f"model m {{\n  dim I = 3, H = 4, K = 5\n  input x[I] : sequence\n  target y : sequence of class(K)\n" \
+           f"  param W[H, I], U[H, H], Wy[K, H], Vy[K, H]\n  h = tanh(W @ x + U @ h[t-1])\n" \
+           f"  loss = cross_entropy({head}, y)\n}}\n"  # fmt: skip
+    m = compile_spec(text)
+    ops = {d["op"] for _, d in m.plans["loss"].graph.nodes(data=True)}
+    assert ops & {"ce_probs", "ce_sigmoid", "ce_logits"}
+    rng = np.random.default_rng(4)
+    inputs, targets = random_inputs(m), {"y": rng.integers(0, 5, size=(6, 3))}
+    params = m.init_params(0)
+    want = m.loss(params, inputs, targets)["loss"]
+    got = onnxruntime(export(m, params, loss=True), {**inputs, **targets})["loss"]
+    assert abs(got - want) <= 1e-5 * abs(want)
