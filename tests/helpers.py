@@ -101,3 +101,18 @@ def finite_diff(m, params, inputs, targets, name, L=None, eps=1e-6, entries=None
 
 def compiled(path_or_text: str, dims=None):
     return compile_spec(path_or_text, dims=dims)
+
+
+# PyTorch's parameter names with the gates in another order (i, f, o, g): a cell that looks like
+# the library's LSTM and computes something else
+PERMUTED_LSTM = """cell LSTM(x[I]) -> h[H] {
+  param weight_ih[4*H, I], weight_hh[4*H, H], bias_ih[4*H], bias_hh[4*H]
+  z = weight_ih @ x + bias_ih + weight_hh @ h[t-1] + bias_hh
+  i = sigmoid(z[0:H])
+  f = sigmoid(z[H:2*H])
+  o = sigmoid(z[2*H:3*H])
+  g = tanh(z[3*H:4*H])
+  c = f * c[t-1] + i * g
+  h = o * tanh(c)
+}
+"""

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import PERMUTED_LSTM
 from hypothesis import given, settings
 from strategies import cells
 
@@ -138,18 +139,7 @@ def test_a_library_cell_whose_state_is_read_elsewhere_stays_a_scan():
 
 def test_a_users_cell_named_lstm_is_not_taken_for_the_librarys():
     """Same name and parameters as the library's LSTM, gates in another order: a Scan, right."""
-    cell = """cell LSTM(x[I]) -> h[H] {
-  param weight_ih[4*H, I], weight_hh[4*H, H], bias_ih[4*H], bias_hh[4*H]
-  z = weight_ih @ x + bias_ih + weight_hh @ h[t-1] + bias_hh
-  i = sigmoid(z[0:H])
-  f = sigmoid(z[H:2*H])
-  o = sigmoid(z[2*H:3*H])
-  g = tanh(z[3*H:4*H])
-  c = f * c[t-1] + i * g
-  h = o * tanh(c)
-}
-"""
-    m = compile_spec(cell + "\nmodel m {\n  dim I = 3, H = 4\n  input x[I] : sequence\n  h = LSTM(x, H=H)\n}\n")
+    m = compile_spec(PERMUTED_LSTM + "\nmodel m {\n  dim I = 3, H = 4\n  input x[I] : sequence\n  h = LSTM(x, H=H)\n}\n")
     proto = export(m)
     assert "LSTM" not in {n.op_type for n in proto.graph.node}
     assert largest_error(m, proto, run=onnxruntime) <= 1e-5

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import PERMUTED_LSTM
 
 torch = pytest.importorskip("torch", reason="PyTorch interop needs torch (pip install '.[test]')")
 
@@ -81,20 +82,8 @@ def test_a_spec_that_cannot_hold_the_module_says_which_tensor():
 
 
 def test_a_cell_that_computes_something_else_is_caught_by_the_check():
-    # PyTorch's names, but the gates in another order (i, f, o, g): the numbers tell
-    other = """cell LSTM(x[I]) -> h[H] {
-  param weight_ih[4*H, I], weight_hh[4*H, H], bias_ih[4*H], bias_hh[4*H]
-  z = weight_ih @ x + bias_ih + weight_hh @ h[t-1] + bias_hh
-  i = sigmoid(z[0:H])
-  f = sigmoid(z[H:2*H])
-  o = sigmoid(z[2*H:3*H])
-  g = tanh(z[3*H:4*H])
-  c = f * c[t-1] + i * g
-  h = o * tanh(c)
-}
-"""
     with pytest.raises(RnncError, match=r"outputs differ by .* \(relative; the limit is 1e-12\)"):
-        interop.from_torch(nn.LSTM(3, 5), model=compile_spec(user_spec(other)))
+        interop.from_torch(nn.LSTM(3, 5), model=compile_spec(user_spec(PERMUTED_LSTM)))
 
 
 def test_to_a_bias_free_module_refuses_nonzero_biases():
