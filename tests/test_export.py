@@ -182,3 +182,27 @@ def test_each_cross_entropy_exports(head):
     want = m.loss(params, inputs, targets)["loss"]
     got = onnxruntime(export(m, params, loss=True), {**inputs, **targets})["loss"]
     assert abs(got - want) <= 1e-5 * abs(want)
+
+
+def test_export_with_trained_params_and_the_loss_on_the_command_line(tmp_path, capsys):
+    spec = os.path.join(ROOT, "specs", "elman.rnn")
+    m = compile_spec(spec, dims={"H": 8})
+    rng = np.random.default_rng(6)
+    params = {k: (v + 0.5 * rng.normal(size=v.shape)).astype(np.float32) for k, v in m.init_params(0).items()}
+    np.savez(tmp_path / "p.npz", **{f"param/{k}": v for k, v in params.items()})
+    out = str(tmp_path / "m.onnx")
+    assert main(["export", spec, "--dim", "H=8", "--params", str(tmp_path / "p.npz"), "--loss", "-o", out]) == 0
+    assert "outputs s, o, loss" in capsys.readouterr().out
+    inputs, targets = random_inputs(m), {"y": rng.integers(0, 27, size=(6, 3))}
+    proto = onnx.load(out)
+    got, want = onnxruntime(proto, {**inputs, **targets}), m.loss(params, inputs, targets)
+    assert abs(got["loss"] - want["loss"]) <= 1e-5 * abs(want["loss"])  # the file holds those weights
+
+
+def test_a_per_sequence_score_for_per_step_labels_is_refused():
+    text = "model m {\n  dim I = 3, K = 4\n  input x[I] : sequence\n  input img[I] : static\n" \
+           "  target y : sequence of class(K)\n  param W[K, I], U[K, I]\n  h = tanh(U @ x)\n" \
+           "  loss = cross_entropy(softmax(W @ img), y) + cross_entropy(softmax(h), y)\n}\n"  # fmt: skip
+    m = compile_spec(text)
+    with pytest.raises(RnncError, match="a per-sequence score read by per-step labels is not exported"):
+        export(m, loss=True)
