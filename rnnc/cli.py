@@ -469,6 +469,11 @@ def cmd_convert(a) -> int:
     from .data import load_params
     from .files import atomic_write, save_arrays
 
+    kinds = (".pt", ".pth", ".npz", ".safetensors")
+    for path in (a.input, a.output):
+        if not path.lower().endswith(kinds):
+            raise UsageError(f"'{path}': convert reads and writes .pt (torch), .npz or .safetensors files",
+                             code="E501")  # fmt: skip
     src_torch = a.input.lower().endswith((".pt", ".pth"))
     dst_torch = a.output.lower().endswith((".pt", ".pth"))
     if src_torch == dst_torch:
@@ -526,8 +531,13 @@ def read_state_dict(path: str) -> dict:
     except FileNotFoundError:
         raise RnncError(f"'{path}' does not exist", code="E505") from None
     except Exception as e:  # UnpicklingError: objects beyond tensors; RuntimeError: not a torch file
-        why = "it holds Python objects beyond tensors (a pickled module?)" if "Weights only" in str(e) \
-            else f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"  # fmt: skip
+        text = str(e)
+        if "Unsupported global" in text:  # a class the weights-only unpickler will not build
+            why = "it holds Python objects beyond tensors (a pickled module?)"
+        elif "Weights only" in text:
+            why = "it is damaged or not a torch.save file"
+        else:
+            why = f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
         raise RnncError(f"'{path}' is not a torch file of weights only ({why})",
                         hint="save module.state_dict() with torch.save; rnnc never unpickles code",
                         code="E505") from None  # fmt: skip

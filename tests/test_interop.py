@@ -128,6 +128,12 @@ def test_convert_refuses_pickles_and_misuse(tmp_path, capsys):
     assert main(["convert", whole, "-o", str(tmp_path / "p.npz")]) == 1
     err = capsys.readouterr().err
     assert "not a torch file of weights only (it holds Python objects beyond tensors" in err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(bytes(range(256)))
+    assert main(["convert", str(junk), "-o", str(tmp_path / "p.npz")]) == 1
+    assert "is damaged or not a torch.save file" in capsys.readouterr().err
+    assert main(["convert", whole, "-o", str(tmp_path / "p.txt")]) == 2
+    assert "convert reads and writes .pt (torch), .npz or .safetensors files" in capsys.readouterr().err
     assert main(["convert", whole, "-o", str(tmp_path / "p.pt")]) == 2
     assert main(["convert", str(tmp_path / "p.npz"), "-o", str(tmp_path / "q.pt")]) == 2  # no --spec
     assert "needs --spec SPEC" in capsys.readouterr().err
