@@ -408,7 +408,6 @@ def cmd_gradcheck(a) -> int:
 
 def cmd_bench(a) -> int:
     from .compiler import compile_spec
-    from .gradcheck import random_batch
     from .memory import estimate, require_memory
 
     dims = parse_dims(a.dim)
@@ -421,7 +420,7 @@ def cmd_bench(a) -> int:
                        f"timing {m.graph.graph['model']} at --batch {a.batch} over {a.steps:,d} steps")  # fmt: skip
     # GPU work is asynchronous: a time counts only once the device has finished
     done = models[0].xp.cuda.Device().synchronize if a.target == "cupy" else lambda: None
-    calls = [bench_calls(m, a.steps, a.batch, a.seed, random_batch) for m in models]
+    calls = [bench_calls(m, a.steps, a.batch, a.seed) for m in models]
     timings: list[dict[str, list[float]]] = [{name: [] for name in c} for c in calls]
     for c in calls:  # warm up (and compile kernels)
         for fn in c.values():
@@ -449,9 +448,11 @@ def cmd_bench(a) -> int:
     return 0
 
 
-def bench_calls(m, T: int, B: int, seed: int, random_batch) -> dict:
+def bench_calls(m, T: int, B: int, seed: int) -> dict:
     """The timed calls: evaluation (forward, no masks) and a training step's loss and
     gradients (dropout and zoneout masks drawn from a generator, as training does)."""
+    from .gradcheck import random_batch
+
     params = m.init_params(seed, np.float32)
     inputs, targets, _ = random_batch(m, T, B, seed, np.float32)
     # the data on the device before the clock starts, as a training loop would keep it
@@ -485,8 +486,7 @@ def cmd_convert(a) -> int:
         model, params, report = interop.from_torch(sd, model, a.instance, a.nonlinearity)
         save_arrays(a.output, {f"param/{k}": v for k, v in params.items()})
         if a.spec_out:
-            atomic_write(a.spec_out, interop.library_spec(interop.config_of(interop.as_numpy(sd),
-                                                                             a.nonlinearity or "tanh"), a.instance).encode())  # fmt: skip
+            atomic_write(a.spec_out, model.program.source.encode())  # the spec the params belong to
         print(f"{report}\nwrote {a.output}" + (f" and {a.spec_out}" if a.spec_out else ""))
         return 0
     if not a.spec:

@@ -309,7 +309,7 @@ class Elaborator:
         if fn == "final":
             return self.final(e, scope)
         if fn in NOISE:
-            return self.noise(e, scope, eq_name)
+            return self.noise(e, scope)
         op = BY_SPELLING.get(fn)
         if op is None:
             names = list(BY_SPELLING) + list(LOSSES) + list(self.cells)
@@ -340,7 +340,7 @@ class Elaborator:
             attrs["n"] = 0
         return (self.mk(op.name, args, span, **attrs), 0)
 
-    def noise(self, e: S.Call, scope: Scope, eq_name: str) -> Ref:
+    def noise(self, e: S.Call, scope: Scope) -> Ref:
         """dropout(x, p[, per=sequence]) and zoneout(h, p): the op over a mask leaf named
         `<equation>.<op>` (e.g. h.c.zoneout), which a user may also pass in `inputs`."""
         fn, span = e.fn, e.span
@@ -361,7 +361,7 @@ class Elaborator:
                                  "nor sequence", v.span, hint=f"write {usage}", code="E208")  # fmt: skip
             else:
                 raise self.error(f"{fn} takes no argument '{key}'", v.span, hint=f"write {usage}", code="E208")
-        eq_name = self.equation
+        eq_name = self.equation  # at any depth of the equation, not only its top call
         if fn == "zoneout" and not eq_name:
             raise self.error("zoneout keeps the previous value of the equation it is in; here there is none",
                              span, hint=f"write {usage}", code="E208")  # fmt: skip

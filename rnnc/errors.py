@@ -77,6 +77,16 @@ def render(err: RnncError, source: str | None = None, kind: str = "error") -> st
     return "\n".join(lines)
 
 
+def optional(module: str, why: str, extra: str, code: str, hint: str = ""):
+    """An optional package (an extra of rnnc), imported; or a worded error saying how to get it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RnncError(why, hint=f"pip install 'rnnc[{extra}]'" + hint, code=code) from None
+
+
 WIDTH = 100  # characters of a source line shown around the error
 
 

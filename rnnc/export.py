@@ -16,10 +16,10 @@ import networkx as nx
 import numpy as np
 
 from .compiler import Model
-from .errors import RnncError
+from .errors import RnncError, optional
 from .graph import init_of, is_seq, label, operands
 from .imports import library_text
-from .ops import GLOBAL, OPS
+from .ops import GLOBAL, OPS, needs_feature_axis
 from .parse import parse
 from .schedule import Loop, Once
 
@@ -27,20 +27,14 @@ OPSET = 18
 
 
 def require_onnx():
-    try:
-        import onnx
-    except ImportError:
-        raise RnncError("exporting to ONNX needs the onnx package", hint="pip install 'rnnc[onnx]'",
-                        code="E580") from None  # fmt: skip
-    return onnx
+    return optional("onnx", "exporting to ONNX needs the onnx package", "onnx", "E580")
 
 
 class Builder:
     """Nodes, initializers and names of the graph being built (a Scan body nests one)."""
 
-    def __init__(self, onnx, model: Model):
-        self.onnx, self.h, self.model = onnx, onnx.helper, model
-        self.g = model.plans["forward"].graph
+    def __init__(self, onnx, g):
+        self.onnx, self.h, self.g = onnx, onnx.helper, g
         self.nodes: list = []  # the current graph's nodes
         self.inits: list = []  # initializers (all in the main graph; bodies read them by name)
         self.count = 0
@@ -92,7 +86,7 @@ class Builder:
         return self.op("ConstantOfShape", self.batch_shape(shape),
                        value=self.onnx.numpy_helper.from_array(np.zeros(1, np.float32)))  # fmt: skip
 
-    def impulse(self, v: str, dom: str) -> str:
+    def impulse(self, v: str) -> str:
         """[T, B, F]: v at step 0, zeros after (first(v) of a per-sequence v)."""
         rest = self.op("Sub", self.dim(0), self.ints([1]))
         pads = self.op("Concat", self.ints([0, 0, 0]), rest, self.ints([0, 0]), axis=0)
@@ -142,7 +136,7 @@ class Layer:
     direction: str  # forward | reverse | bidirectional
 
 
-def stock_layers(model: Model, plan) -> list[Layer]:
+def stock_layers(plan) -> list[Layer]:
     """The layers of library RNN/LSTM/GRU instances that can become ONNX operators: zero
     initial states, nothing inside read from outside but the outputs, one input."""
     g = plan.graph
@@ -211,25 +205,22 @@ def export(model: Model, params: dict | None = None, stock: bool = True, loss: b
     layers of the library's RNN, LSTM and GRU become ONNX's own operators. With `loss`, the
     targets are inputs too and the loss an output (full-length sequences)."""
     onnx = require_onnx()
-    b = Builder(onnx, model)
     if loss and "loss" not in model.plans:
         raise RnncError("the model has no loss to export", code="E581")
     plan = model.plans["loss" if loss else "forward"]
-    b.g = g = plan.graph
+    b = Builder(onnx, plan.graph)
+    g = plan.graph
     graph_inputs = []
     tables = [("inputs", model.inputs)] + ([("targets", model.targets)] if loss else [])
     for kind, table in tables:
         for name, (shape, dom, labels) in table.items():
             dims = (["T_" + dom.replace("/", "_"), "B"] if dom != "static" else ["B"]) + ([] if labels else list(shape))
-            if labels and kind == "inputs":
-                raise RnncError(f"input '{name}' holds class labels; the export takes real-valued inputs", code="E581")
             elem = onnx.TensorProto.INT64 if labels else onnx.TensorProto.FLOAT
             graph_inputs.append(onnx.helper.make_tensor_value_info(name, elem, dims))
             if dom != "static" and b.seq_input is None and kind == "inputs":
                 b.seq_input = name
     params = model.init_params(0, np.float32) if params is None else params
-    loops = plan.loop_of()
-    layers = stock_layers(model, plan) if stock else []
+    layers = stock_layers(plan) if stock else []
     seen: set[int] = set()
     names = Params(b, params)  # a parameter becomes an initializer where something reads it
     for step in plan.steps:
@@ -245,7 +236,7 @@ def export(model: Model, params: dict | None = None, stock: bool = True, loss: b
                 continue
             names[step.node] = once(b, step.node, names, params)
         else:
-            scan(b, step, names, plan, loops, params)
+            scan(b, step, names, plan)
     outputs = []
     for out, n in plan.wanted.items():
         outputs.append(b.info(out, n))
@@ -270,9 +261,6 @@ class Params(dict):
             raise KeyError(n)
         self[n] = name = leaf(self.b, n, self.params)
         return name
-
-    def __contains__(self, n) -> bool:
-        return dict.__contains__(self, n)
 
 
 def refuse(g, n: int, why: str) -> RnncError:
@@ -304,7 +292,7 @@ def lowered(b: Builder, n: int, args: list[str]) -> str:
     ins = operands(g, n)
     for i, (u, _) in enumerate(ins):
         du = g.nodes[u]
-        if du["shape"] == () and d["shape"] != () and du["level"] != GLOBAL and OPS[d["op"]].shape.__name__ == "same":
+        if needs_feature_axis(du["shape"], du["level"], d["shape"]):  # as ops.operand_text does
             args[i] = b.op("Unsqueeze", args[i], b.ints([-1]))
     b.shape = tuple(d["shape"])
     b.levels = [g.nodes[u]["level"] for u, _ in ins]
@@ -324,7 +312,7 @@ def once(b: Builder, n: int, names: dict[int, str], params: dict) -> str:
     return lowered(b, n, args)
 
 
-def scan(b: Builder, loop: Loop, names: dict[int, str], plan, loops: dict, params: dict) -> None:
+def scan(b: Builder, loop: Loop, names: dict[int, str], plan) -> None:
     """A time loop as one Scan: states carried (k steps of history for a read at t-k),
     sequences from outside scanned in, the values read after the loop scanned out."""
     onnx, g = b.onnx, b.g
@@ -421,7 +409,11 @@ def export_to(model: Model, path: str, params: dict | None = None, loss: bool = 
     from .files import atomic_write
 
     proto = export(model, params, loss=loss)
-    err = largest_error(model, export(model, params) if loss else proto, params)
+    try:
+        err = largest_error(model, export(model, params) if loss else proto, params)
+    except Exception as e:  # the reference evaluator lacks an operator, or refuses the graph
+        raise RnncError(f"the exported graph could not be checked by onnx's reference evaluator "
+                        f"({type(e).__name__}: {str(e)[:200]})", hint="nothing was written", code="E582") from None  # fmt: skip
     if not err <= 1e-5:
         raise RnncError(f"the exported graph computes something else: outputs differ by {err:.1e}",
                         hint="this is a bug in rnnc's ONNX export", code="E582")  # fmt: skip

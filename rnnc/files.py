@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 
-from .errors import RnncError
+from .errors import RnncError, optional
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -132,12 +132,8 @@ def is_safetensors(path: str) -> bool:
 
 
 def require_safetensors(path: str):
-    try:
-        import safetensors.numpy as st
-    except ImportError:
-        raise RnncError(f"'{path}' is a .safetensors file, and the safetensors package is not installed",
-                        hint="pip install 'rnnc[safetensors]', or use .npz", code="E507") from None  # fmt: skip
-    return st
+    return optional("safetensors.numpy", f"'{path}' is a .safetensors file, and the safetensors package is "
+                    "not installed", "safetensors", "E507", hint=", or use .npz")  # fmt: skip
 
 
 # safetensors dtypes NumPy holds exactly (BF16 and the F8 kinds it does not)

@@ -11,6 +11,7 @@ params: `from_torch(module, model=compile("mine.rnn"))`. torch is imported only 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .compiler import Model, compile_spec
-from .errors import RnncError
+from .errors import RnncError, optional
 
 TOLERANCE = 1e-12
 CELL = {"RNN_TANH": "RNN", "RNN_RELU": "RNNReLU", "LSTM": "LSTM", "GRU": "GRU"}
@@ -47,12 +48,7 @@ class Config:
 
 
 def require_torch():
-    try:
-        import torch
-    except ImportError:
-        raise RnncError("converting PyTorch weights needs torch", hint="pip install 'rnnc[torch]'",
-                        code="E570") from None  # fmt: skip
-    return torch
+    return optional("torch", "converting PyTorch weights needs torch", "torch", "E570")
 
 
 def as_numpy(sd: dict) -> dict[str, np.ndarray]:
@@ -69,6 +65,18 @@ def as_numpy(sd: dict) -> dict[str, np.ndarray]:
     return out
 
 
+def layer_kind(w_ih: np.ndarray, w_hh: np.ndarray, w_hr: np.ndarray | None, relu: bool) -> tuple[str, int, int]:
+    """(kind, hidden size, proj size) of a first layer's weights: the kind from its gate rows."""
+    proj = 0 if w_hr is None else w_hr.shape[0]
+    hidden = w_hh.shape[1] if w_hr is None else w_hr.shape[1]
+    gates = w_ih.shape[0] // hidden
+    kind = {1: "RNN_RELU" if relu else "RNN_TANH", 3: "GRU", 4: "LSTM"}.get(gates)
+    if kind is None or gates * hidden != w_ih.shape[0] or (proj and kind != "LSTM"):
+        raise RnncError(f"weights {list(w_ih.shape)} and {list(w_hh.shape)} (input and recurrent, first "
+                        "layer) fit no RNN, LSTM or GRU", code="E571")  # fmt: skip
+    return kind, hidden, proj
+
+
 def config_of(sd: dict[str, np.ndarray], nonlinearity: str = "tanh") -> Config:
     """The module a state_dict belongs to: kind from the gate rows, sizes from the shapes."""
     if "weight_ih_l0" not in sd or "weight_hh_l0" not in sd:
@@ -76,13 +84,8 @@ def config_of(sd: dict[str, np.ndarray], nonlinearity: str = "tanh") -> Config:
                         hint="save torch.nn.RNN/LSTM/GRU's state_dict()", code="E571")  # fmt: skip
     layers = 1 + max(int(KEY.match(k).group(2)) for k in sd)  # type: ignore[union-attr]
     bidir = any(k.endswith("_reverse") for k in sd)
-    proj = sd["weight_hr_l0"].shape[0] if "weight_hr_l0" in sd else 0
-    hidden = sd["weight_hr_l0"].shape[1] if proj else sd["weight_hh_l0"].shape[1]
-    gates = sd["weight_ih_l0"].shape[0] // hidden
-    kind = {1: "RNN_RELU" if nonlinearity == "relu" else "RNN_TANH", 3: "GRU", 4: "LSTM"}.get(gates)
-    if kind is None or gates * hidden != sd["weight_ih_l0"].shape[0] or (proj and kind != "LSTM"):
-        raise RnncError(f"weight_ih_l0 {list(sd['weight_ih_l0'].shape)} and weight_hh_l0 "
-                        f"{list(sd['weight_hh_l0'].shape)} fit no RNN, LSTM or GRU", code="E571")  # fmt: skip
+    kind, hidden, proj = layer_kind(sd["weight_ih_l0"], sd["weight_hh_l0"], sd.get("weight_hr_l0"),
+                                    nonlinearity == "relu")  # fmt: skip
     cfg = Config(kind, layers, bidir, sd["weight_ih_l0"].shape[1], hidden, proj, "bias_ih_l0" in sd)
     missing = sorted(set(torch_names(cfg)) - set(sd))
     if missing:
@@ -131,8 +134,7 @@ def mapping(model: Model, instance: str, cfg: Config) -> dict[str, str]:
     """torch name -> rnnc param name."""
     rows = prefixes(model, instance, cfg)
     out = {}
-    for name in torch_names(Config(cfg.kind, cfg.layers, cfg.bidirectional, cfg.input_size, cfg.hidden,
-                                   cfg.proj, True)):  # fmt: skip
+    for name in torch_names(dataclasses.replace(cfg, bias=True)):  # biases mapped even when absent
         m = KEY.match(name)
         assert m
         out[name] = f"{rows[int(m.group(2))][1 if m.group(3) else 0]}.{m.group(1)}"
@@ -147,8 +149,8 @@ def from_torch(module_or_state_dict: Any, model: Model | None = None, instance: 
     if hasattr(sd, "state_dict"):
         nonlinearity = nonlinearity or getattr(sd, "nonlinearity", "tanh")
         sd = sd.state_dict()
-    cfg = config_of(as_numpy(sd), nonlinearity or "tanh")
     weights = as_numpy(sd)
+    cfg = config_of(weights, nonlinearity or "tanh")
     model = model or compile_spec(library_spec(cfg, instance))
     params = {k: np.asarray(v, np.float64) for k, v in model.init_params(0, np.float64).items()}
     for tname, rname in mapping(model, instance, cfg).items():
@@ -189,15 +191,10 @@ def config_from_model(model: Model, p: dict, instance: str, kind: str | None, bi
     if f"{first}.weight_ih" not in p or f"{first}.weight_hh" not in p:
         raise RnncError(f"'{instance}' holds no library cell (no param '{first}.weight_ih')",
                         hint="use RNN, RNNReLU, LSTM, LSTMP or GRU from the library", code="E572")  # fmt: skip
-    w_ih, w_hh, w_hr = p[f"{first}.weight_ih"], p[f"{first}.weight_hh"], p.get(f"{first}.weight_hr")
-    proj = 0 if w_hr is None else w_hr.shape[0]
-    hidden = w_hh.shape[1] if w_hr is None else w_hr.shape[1]
     relu = kind == "RNN_RELU" or model.graph.graph.get("cells", {}).get(instance) == "RNNReLU"
-    gates = {1: "RNN_RELU" if relu else "RNN_TANH", 3: "GRU", 4: "LSTM"}
-    kind = kind or gates.get(w_ih.shape[0] // hidden)
-    if kind is None:
-        raise RnncError(f"'{first}.weight_ih' {list(w_ih.shape)} fits no RNN, LSTM or GRU", code="E572")
-    return Config(kind, len(rows), len(rows[0]) == 2, w_ih.shape[1], hidden, proj, bias)
+    w_ih = p[f"{first}.weight_ih"]
+    found, hidden, proj = layer_kind(w_ih, p[f"{first}.weight_hh"], p.get(f"{first}.weight_hr"), relu)
+    return Config(kind or found, len(rows), len(rows[0]) == 2, w_ih.shape[1], hidden, proj, bias)
 
 
 def torch_module(cfg: Config):

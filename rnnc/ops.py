@@ -585,7 +585,7 @@ ONNX = {
     "batch": lambda b, p, **a: b.op("Expand", p, b.batch_shape(b.shape)),
     "first": lambda b, h, **a: b.op("Gather", h, b.ints(0), axis=0),
     "last": lambda b, h, **a: b.op("Gather", h, b.ints(-1), axis=0),  # full-length sequences
-    "impulse": lambda b, v, dom, **a: b.impulse(v, dom),
+    "impulse": lambda b, v, **a: b.impulse(v),
     "pairs": lambda b, h, **a: b.pairs(h),
     "dropout": lambda b, x, m, **a: b.op("Mul", x, m),
     # losses (an export with targets): the label's entry by GatherElements, then reduced
@@ -609,14 +609,15 @@ USER_OPS = sorted(BY_SPELLING) + list(LOSSES)
 # ----- Rendering a template (the interpreter and lower.py share it) -----
 
 
-def operand_text(text: str, shape: Shape, level: str, out_shape: Shape) -> str:
-    """An operand as it must be written so NumPy broadcasting means what the op means.
+def needs_feature_axis(shape: Shape, level: str, out_shape: Shape) -> bool:
+    """A per-step or per-sequence feature scalar is an array [T, B] or [B]: against vectors it
+    needs a trailing axis to broadcast (NumPy, ONNX). Parameters already align on trailing axes."""
+    return shape == () and out_shape != () and level != GLOBAL
 
-    A per-step or per-sequence feature scalar is an array [T, B] or [B]; against vectors it
-    needs a trailing axis. Parameters already align on trailing axes."""
-    if shape == () and out_shape != () and level != GLOBAL:
-        return f"{text}[..., None]"
-    return text
+
+def operand_text(text: str, shape: Shape, level: str, out_shape: Shape) -> str:
+    """An operand as it must be written so NumPy broadcasting means what the op means."""
+    return f"{text}[..., None]" if needs_feature_axis(shape, level, out_shape) else text
 
 
 @functools.cache

@@ -82,6 +82,11 @@ class Module(torch.nn.Module):
         """NumPy views of the parameter tensors (CPU; no copies)."""
         return {n: p.detach().numpy() for n, p in zip(self.names, params, strict=True)}
 
+    def inputs(self, x, init_names: list, inits, masks: dict) -> dict[str, np.ndarray]:
+        """rnnc's inputs: the sequence, the initial states, the masks (NumPy views)."""
+        return {self.input: x.detach().numpy(), **masks,
+                **{k: v.detach().numpy() for k, v in zip(init_names, inits, strict=True)}}  # fmt: skip
+
     def forward(self, x, lengths=None, init: dict | None = None):
         """x: [T, B, features]; lengths: [B] ints or None; init: {"<state>.init": [B, ...]}."""
         init = dict(init or {})
@@ -105,8 +110,7 @@ class Function(torch.autograd.Function):
         lengths, masks = lengths_masks
         inits, params = tensors[: len(init_names)], tensors[len(init_names) :]
         arrays = owner.arrays(params)
-        inputs = {owner.input: x.detach().numpy(), **masks,
-                  **{k: v.detach().numpy() for k, v in zip(init_names, inits, strict=True)}}  # fmt: skip
+        inputs = owner.inputs(x, init_names, inits, masks)
         L = None if lengths is None else {owner.input: np.asarray(lengths)}
         out = owner.fwd.forward(arrays, inputs, lengths=L)[owner.output]
         ctx.owner, ctx.L, ctx.init_names, ctx.masks = owner, L, init_names, masks
@@ -119,8 +123,7 @@ class Function(torch.autograd.Function):
         x, *tensors = ctx.saved_tensors
         n = len(ctx.init_names)
         inits, params = tensors[:n], tensors[n:]
-        inputs = {owner.input: x.detach().numpy(), **ctx.masks,
-                  **{k: v.detach().numpy() for k, v in zip(ctx.init_names, inits, strict=True)}}  # fmt: skip
+        inputs = owner.inputs(x, ctx.init_names, inits, ctx.masks)
         seed = np.ascontiguousarray(g.detach().numpy(), dtype=x.detach().numpy().dtype)
         _, grads = owner.bwd.loss_and_grads(owner.arrays(params), inputs, {f"d_{owner.output}": seed},
                                             lengths=ctx.L, with_inputs=True)  # fmt: skip

@@ -208,3 +208,16 @@ def test_a_per_sequence_score_for_per_step_labels_is_refused():
     m = compile_spec(text)
     with pytest.raises(RnncError, match="a per-sequence score read by per-step labels is not exported"):
         export(m, loss=True)
+
+
+def test_a_graph_the_reference_evaluator_cannot_run_is_refused_in_words(tmp_path, capsys, monkeypatch):
+    import rnnc.export as ex
+
+    def broken(*a, **k):
+        raise NotImplementedError("no such operator")
+
+    monkeypatch.setattr(ex, "largest_error", broken)
+    out = tmp_path / "m.onnx"
+    assert main(["export", os.path.join(ROOT, "specs", "elman.rnn"), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "error[E582]" in err and "NotImplementedError: no such operator" in err and not out.exists()
