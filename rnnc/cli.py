@@ -27,9 +27,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def source_of(path: str) -> str:
+    """The text an error points into (bounded like every spec read), or "" if unreadable."""
+    from .parse import read_source
+
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        return read_source(path)
     except (OSError, UnicodeDecodeError):
         return ""
 

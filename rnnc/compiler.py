@@ -18,7 +18,7 @@ from .grad import grad
 from .graph import Graph, validate
 from .load import load_source
 from .lower import lower
-from .parse import parse
+from .parse import parse, read_source
 from .schedule import Plan, components, schedule
 from .shapes import infer_shapes
 from .syntax import Program
@@ -43,8 +43,7 @@ def parse_dims(items: Sequence[str] | None) -> dict[str, int]:
 def read_file(path: str) -> tuple[str, str]:
     """(text, path) of a spec file, or a clear error."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read(), path
+        return read_source(path), path
     except FileNotFoundError:
         raise RnncError(f"no such file: {path}", code="E500") from None
     except (OSError, UnicodeDecodeError) as e:

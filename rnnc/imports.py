@@ -13,7 +13,7 @@ from importlib import resources
 
 from . import syntax as S
 from .errors import RnncError, Span
-from .parse import parse
+from .parse import parse, read_source
 
 LIBRARY = "rnnc's library"
 
@@ -31,8 +31,7 @@ def source_of(use: S.Use, importer: str) -> tuple[str, str]:
     base = os.path.dirname(importer) if importer not in ("<spec>", "") else os.getcwd()
     path = os.path.normpath(os.path.join(base, use.source))
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read(), path
+        return read_source(path), path
     except FileNotFoundError:
         raise RnncError(f"use ... from \"{use.source}\": no file '{path}'", use.span,
                         hint="the path is relative to the spec that says `use`", code="E217") from None

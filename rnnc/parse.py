@@ -354,6 +354,14 @@ def time_offset(index: S.DimExpr) -> int | None:
     return None
 
 
+def read_source(path: str) -> str:
+    """A spec file's text, read no further than one character past MAX_SOURCE (so that a device
+    or an endless pipe is refused by `parse`, not read forever). OSError and UnicodeDecodeError
+    are the caller's to word."""
+    with open(path, encoding="utf-8") as f:
+        return f.read(MAX_SOURCE + 1)
+
+
 def parse(text: str, file: str = "<spec>") -> S.Program:
     """Parse a whole .rnn file; any mistake raises RnncError with its location."""
     if len(text) > MAX_SOURCE:

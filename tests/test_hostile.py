@@ -418,3 +418,17 @@ def test_check_prints_the_memory_a_run_needs(capsys):
     assert main(["check", spec("lstm")]) == 0
     out = capsys.readouterr().out
     assert "memory at T=100, B=32 in float32: forward" in out and "a training step" in out
+
+
+def test_an_endless_file_as_a_spec_or_an_import_is_refused_by_size(tmp_path):
+    """/dev/zero is read no further than the spec size limit, not forever (a subprocess with a
+    time limit, so that a regression fails instead of hanging the run)."""
+    import subprocess
+    import sys
+
+    spec = tmp_path / "m.rnn"
+    spec.write_text('use X from "/dev/zero"\n\nmodel m {\n  dim I = 2\n  input x[I] : sequence\n}\n')
+    for path in ("/dev/zero", str(spec)):
+        r = subprocess.run([sys.executable, "-m", "rnnc.cli_entry", "check", path], capture_output=True,
+                           text=True, timeout=60, cwd=os.path.join(os.path.dirname(__file__), ".."))  # fmt: skip
+        assert r.returncode == 1 and "error[E100]" in r.stderr and "the limit is 1000000" in r.stderr
