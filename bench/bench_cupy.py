@@ -39,7 +39,12 @@ def launches() -> None:
                 kernels = sum(isinstance(x, Kernel) for x in items)
                 way = "forward" if plan.steps[i].direction > 0 else "backward"
                 rest = f", {len(ops) - gemms} other" if len(ops) > gemms else ""
-                print(f"{kind:7s} {fname:15s} {way:9s} {gemms} GEMM + {kernels} kernel{rest}")
+                # a kernel doing the next step's first phase (fuse.rotated) runs once alone
+                first = " (+1 launch before the first step)" if any(
+                    isinstance(x, Kernel) and x.ahead for x in items) else ""  # fmt: skip
+                print(
+                    f"{kind:7s} {fname:15s} {way:9s} {gemms} GEMM + {kernels} kernel{rest}{first}"
+                )
 
 
 def time_rnnc(kind: str, B: int, T: int, I: int, H: int, iters: int) -> dict:

@@ -32,6 +32,7 @@ class Arg:
     out: bool = False
     mask: bool = False  # a [B] bool: the read at `delay` falls inside the sequence
     name: str = ""  # the parameter's name in the kernel
+    ahead: bool = False  # read or written for the loop's next step (see `rotated`)
 
 
 @dataclass
@@ -43,6 +44,9 @@ class Kernel:
     width: int
     args: list[Arg] = field(default_factory=list)
     source: str = ""  # CUDA C; `real` is a typedef the caller puts in front
+    # the first kernel of the step, computed here for the next step (see `rotated`); it is
+    # launched on its own once, before the loop, for the first step
+    ahead: Kernel | None = None
 
 
 @dataclass
@@ -124,7 +128,41 @@ def build(
             items.append(k)
         else:
             items.append(nodes)
-    return accumulated(g, plan, loop, items)
+    return rotated(g, plan, loop, accumulated(g, plan, loop, items), label)
+
+
+def rotated(
+    g: Graph, plan: Plan, loop: Loop, items: list, label: Callable[[int], str]
+) -> list[list[int] | Kernel | Accumulate]:
+    """A step that starts with a kernel reading only the previous step's values (and values
+    made outside the loop): that kernel's work for step t+1 is done at the end of step t, by
+    the step's last kernel, so each step launches one kernel fewer. A variationally dropped
+    LSTM is the case: `dropout(h[t-1])` forward, the gates' adjoints from `dh[t+1]` backward.
+    The first kernel still runs once, before the loop, for the first step."""
+    kernels = [i for i, x in enumerate(items) if isinstance(x, Kernel)]
+    if len(kernels) < 2 or kernels[0] != 0:
+        return items
+    first, last = items[0], items[kernels[-1]]
+    before = {n for x in items[: kernels[-1] + 1] for n in (x.nodes if isinstance(x, Kernel) else
+              [x.into] if isinstance(x, Accumulate) else x)}  # fmt: skip
+    body, mine = set(loop.nodes), set(first.nodes)
+    for n in first.nodes:
+        for u, k in operands(g, n):
+            if u not in body:
+                continue  # made outside the loop: read at the next step's row
+            if (k == 0 and u not in mine) or k * loop.direction < 0:
+                return items
+            if k == loop.direction and u not in before:
+                return items  # made after the last kernel: not ready when it runs
+    host = Kernel(last.name, last.nodes, 1)
+    try:
+        make(g, plan, loop, host, label, ahead=first)
+    except NotFusable:
+        return items  # the two kernels' columns do not line up
+    if not host.source:
+        return items
+    host.ahead = first
+    return [host if x is last else x for x in items[1:]]
 
 
 def only_use(g: Graph, plan: Plan, u: int, v: int) -> bool:
@@ -194,13 +232,23 @@ def outputs(g: Graph, plan: Plan, loop: Loop, nodes: list[int]) -> list[int]:
     return out
 
 
-def make(g: Graph, plan: Plan, loop: Loop, k: Kernel, label: Callable[[int], str]) -> None:
-    """Fill k's args and CUDA source; leave source empty when a kernel would not pay."""
+def make(
+    g: Graph,
+    plan: Plan,
+    loop: Loop,
+    k: Kernel,
+    label: Callable[[int], str],
+    ahead: Kernel | None = None,
+) -> None:
+    """Fill k's args and CUDA source; leave source empty when a kernel would not pay. With
+    `ahead`, k also computes that kernel's nodes for the loop's next step (`rotated`)."""
     mine = set(k.nodes)
     outs = outputs(g, plan, loop, k.nodes)
+    next_nodes = set(ahead.nodes) if ahead else set()
+    next_outs = [a.node for a in ahead.args if a.out] if ahead else []
     if not outs:
         return
-    widths = [g.nodes[o]["shape"][0] for o in outs if g.nodes[o]["shape"]]
+    widths = [g.nodes[o]["shape"][0] for o in outs + next_outs if g.nodes[o]["shape"]]
     W = 0
     for w in widths:
         W = gcd(W, w)
@@ -211,17 +259,18 @@ def make(g: Graph, plan: Plan, loop: Loop, k: Kernel, label: Callable[[int], str
     source = g.graph.get("source", "").splitlines()
     quoted: set[int] = set()
     loops = plan.loop_of()
-    inputs: dict[tuple[int, int], Arg] = {}
-    memo: dict[tuple[int, int | None], str] = {}
+    inputs: dict[tuple, Arg] = {}
+    memo: dict[tuple[int, int | None, bool], str] = {}
     lines: list[str] = []
 
     def width(n: int) -> int:
         s = g.nodes[n]["shape"]
         return s[0] if s else 0
 
-    def arg_for(u: int, delay: int, off: int | None) -> str:
+    def arg_for(u: int, delay: int, off: int | None, nxt: bool = False) -> str:
+        """The text of u read at `delay` (from the next step with nxt) at column j + off."""
         base, shift = u, 0
-        if u in plan.views and (delay or u not in mine):
+        if u in plan.views and (delay or u not in mine or nxt):
             base = plan.views[u]
             shift = g.nodes[u]["attrs"]["start"]
         while not delay and base not in loops and g.nodes[base]["op"] == "slice":
@@ -231,19 +280,18 @@ def make(g: Graph, plan: Plan, loop: Loop, k: Kernel, label: Callable[[int], str
                 break
             shift += g.nodes[base]["attrs"]["start"]
             base = src
-        key = (base, delay)
+        key = (base, delay, nxt)
         if key not in inputs:
             d = g.nodes[base]
             V = width(base)
             if d["level"] == GLOBAL:
                 kind = "vector" if V else "value"
+                nxt_arg = False  # the same at every step
             else:
                 kind = "row" if V else "per_b"
-            a = Arg(base, delay, kind, V, name=f"in{len(inputs)}")
+                nxt_arg = nxt
+            a = Arg(base, delay, kind, V, name=f"in{len(inputs)}", ahead=nxt_arg)
             inputs[key] = a
-            if needs_mask(g, base, delay):
-                inputs[(base, delay, "mask")] = Arg(base, delay, "per_b", 0, mask=True,
-                                                   name=f"in{len(inputs)}")  # fmt: skip
         a = inputs[key]
         col = f"j + {off + shift}" if off is not None else None
         if a.kind == "value":
@@ -256,26 +304,37 @@ def make(g: Graph, plan: Plan, loop: Loop, k: Kernel, label: Callable[[int], str
             text = f"{a.name}[{col}]"
         else:
             text = f"{a.name}[b * {a.width} + {col}]"
-        m = inputs.get((base, delay, "mask"))
-        if m is not None:
-            fill = fill_text(u, off)
-            text = f"({m.name}[b] ? {text} : {fill})"
-        return text
+        return masked(text, base, delay, nxt, u, off)
+
+    def masked(text: str, base: int, delay: int, nxt: bool, u: int, off: int | None) -> str:
+        """The read, or its fill where the step read falls outside the sequence."""
+        if not needs_mask(g, base, delay):
+            return text
+        key = (base, delay, nxt, "mask")
+        if key not in inputs:
+            inputs[key] = Arg(
+                base, delay, "per_b", 0, mask=True, name=f"in{len(inputs)}", ahead=nxt
+            )
+        return f"({inputs[key].name}[b] ? {text} : {fill_text(u, off)})"
 
     def fill_text(u: int, off: int | None) -> str:
         init = init_of(g, u)
         return "R(0)" if init is None else arg_for(init, 0, off)
 
-    def value(u: int, delay: int, off: int | None) -> str:
+    def value(u: int, delay: int, off: int | None, nxt: bool = False) -> str:
         d = g.nodes[u]
         if d["op"] == "const":
             return f"R({float(d['attrs']['value'])!r})"
-        if delay or u not in mine:
-            return arg_for(u, delay, off)
+        if nxt and delay == 0 and u in next_nodes:
+            return ev(u, off, True)
+        if nxt and delay == loop.direction and u in mine:
+            return masked(ev(u, off), u, delay, nxt, u, off)  # this step's value, made here
+        if delay or u not in mine or nxt:
+            return arg_for(u, delay, off, nxt)
         return ev(u, off)
 
-    def ev(n: int, off: int | None) -> str:
-        key = (n, off)
+    def ev(n: int, off: int | None, nxt: bool = False) -> str:
+        key = (n, off, nxt)
         if key in memo:
             return memo[key]
         d = g.nodes[n]
@@ -284,24 +343,24 @@ def make(g: Graph, plan: Plan, loop: Loop, k: Kernel, label: Callable[[int], str
         ins = operands(g, n)
         if d["op"] == "slice":  # no work: the same value at other columns
             (u, dk), = ins  # fmt: skip
-            memo[key] = value(u, dk, off + d["attrs"]["start"])
+            memo[key] = value(u, dk, off + d["attrs"]["start"], nxt)
             return memo[key]
         if d["op"] == "concat":
             start = 0
             for u, dk in ins:
                 w = width(u)
                 if start <= off and off + W <= start + w:
-                    memo[key] = value(u, dk, off - start)
+                    memo[key] = value(u, dk, off - start, nxt)
                     return memo[key]
                 start += w
             raise NotFusable(n)  # a thread's columns would straddle two parts
         op = OPS[d["op"]]
-        args = [value(u, dk, off if width(u) else None) for u, dk in ins]
+        args = [value(u, dk, off if width(u) else None, nxt) for u, dk in ins]
         fields = dict(d["attrs"])
         if op.arity is None:
             fields["args"] = op.sep.join(args)
         text = op.cuda.format(*args, **fields)
-        var = f"{label(n)}_{off if off is not None else 's'}"
+        var = f"{label(n)}{'_next' if nxt else ''}_{off if off is not None else 's'}"
         memo[key] = var
         line = d["span"].line
         if line and line <= len(source) and line not in quoted:
@@ -312,16 +371,16 @@ def make(g: Graph, plan: Plan, loop: Loop, k: Kernel, label: Callable[[int], str
 
     stores: list[tuple[Arg, str, str]] = []
     out_args: list[Arg] = []
-    for o in outs:
+    for o, nxt in [(o, False) for o in outs] + [(o, True) for o in next_outs]:
         V = width(o)
-        a = Arg(o, 0, "row" if V else "per_b", V, out=True, name=f"out{len(out_args)}")
+        a = Arg(o, 0, "row" if V else "per_b", V, out=True, name=f"out{len(out_args)}", ahead=nxt)
         out_args.append(a)
         if V:
             for off in range(0, V, W):
-                var = ev(o, off)
+                var = ev(o, off, nxt)
                 stores.append((a, f"{a.name}[b * {V} + j + {off}]", var))
         else:
-            var = ev(o, None)
+            var = ev(o, None, nxt)
             stores.append((a, f"{a.name}[b]", var))
     k.args = list(inputs.values()) + out_args
     params = []
@@ -334,6 +393,8 @@ def make(g: Graph, plan: Plan, loop: Loop, k: Kernel, label: Callable[[int], str
             params.append(f"const real {a.name}")
         else:
             params.append(f"const real* __restrict__ {a.name}")
+    if ahead:
+        params.append("const int more")  # 0 at the last step: there is no next one
     body = [
         f'extern "C" __global__ void {k.name}({", ".join(params + ["const int n"])}) {{',
         "    const int i = blockIdx.x * blockDim.x + threadIdx.x;",
@@ -343,6 +404,8 @@ def make(g: Graph, plan: Plan, loop: Loop, k: Kernel, label: Callable[[int], str
     ]
     for a, target, var in stores:
         guard = "if (j == 0) " if a.kind == "per_b" and W > 1 else ""
+        if a.ahead:
+            guard = "if (more) " + guard
         body.append(f"    {guard}{target} = {var};")
     body.append("}")
     k.source = "\n".join(body)

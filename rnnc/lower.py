@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from . import kernels
-from .fuse import Accumulate, Kernel, loop_kernels, needs_mask
+from .fuse import Accumulate, Arg, Kernel, loop_kernels, needs_mask
 from .graph import Graph, init_of, is_seq, operands, order
 from .interpret import context
 from .ops import CUDA_PRELUDE, OPS, operand_text, render, slot_prec_of, slot_uses
@@ -85,8 +85,13 @@ class Emitter:
         # the CuPy target: each loop body's pointwise part as generated kernels
         self.fused = loop_kernels(plan, fname, namer) if target == "cupy" else {}
         self.kernels: list[Kernel] = [
-            k for items in self.fused.values() for k in items if isinstance(k, Kernel)
-        ]
+            j for items in self.fused.values() for k in items if isinstance(k, Kernel)
+            for j in (k, k.ahead) if j is not None
+        ]  # fmt: skip
+        # a kernel result made one step ahead and kept for no later step: two rows, this
+        # step's and the next one's
+        self.two_rows = {a.node for k in self.kernels if k.ahead for a in k.args
+                         if a.out and a.ahead and a.node not in plan.stored}  # fmt: skip
         self.inline = self.inlined()
         self.lines: list[str] = []
         self.src = self.g.graph.get("source", "").splitlines()
@@ -308,10 +313,12 @@ class Emitter:
             if fut:
                 out.append(f"    {name}[{past} + {T}:] = {self.fill(n)}")
         items = self.fused.get(self.loop_ids[id(loop)], [loop.nodes])
-        for k in (k for k in items if isinstance(k, Kernel)):
+        for k in (j for i in items if isinstance(i, Kernel) for j in (i.ahead, i) if j):
             self.kernel_buffers(k, T)
         rng = f"range({T})" if loop.direction > 0 else f"range({T} - 1, -1, -1)"
         out.append(f"    for t in {rng}:")
+        for k in (k for k in items if isinstance(k, Kernel) and k.ahead):
+            self.first_step(k, loop, T, seen)
         for item in items:
             if isinstance(item, Kernel):
                 self.launch(item, loop, seen)
@@ -355,7 +362,12 @@ class Emitter:
         for a in k.args:
             if a.out and a.node not in self.plan.stored:
                 shape = tuple(self.g.nodes[a.node]["shape"])
-                self.lines.append(f"    {self.name(a.node)}_t = cp.empty((B,) + {shape!r}, dt)")
+                if a.node in self.two_rows:
+                    line = f"    {self.name(a.node)}_rows = cp.empty((2, B) + {shape!r}, dt)"
+                else:
+                    line = f"    {self.name(a.node)}_t = cp.empty((B,) + {shape!r}, dt)"
+                if line not in self.lines:
+                    self.lines.append(line)
             if a.mask:
                 V = self.mask_name(a.node, a.delay)
                 line = f"    {V}_all = cp.ones(({T}, B), bool) if {V} is None else {V}"
@@ -369,35 +381,73 @@ class Emitter:
         self.masks.add((ctx["M"], V, k))
         return V
 
-    def row(self, u: int, k: int, loop: Loop) -> str:
-        """The array a kernel reads for u at t-k: a row of its buffer, or this step's value."""
+    def row(self, u: int, k: int, loop: Loop, a: Arg | None = None) -> str:
+        """The array a kernel reads for u at t-k: a row of its buffer, or this step's value.
+        For an argument `ahead`, k counts from the next step, `tn`."""
         g = self.g
         d = g.nodes[u]
         if not is_seq(d["level"]):
             return self.name(u) if d["op"] != "const" else repr(d["attrs"]["value"])
         here = self.loops.get(u) == self.loop_ids[id(loop)]
-        if here and k == 0 and u not in self.plan.stored:
+        t = "tn" if a is not None and a.ahead else "t"
+        if here and u in self.two_rows and a is not None and a.out:
+            return f"{self.name(u)}_rows[{t} % 2]"
+        if here and u not in self.plan.stored and k == (loop.direction if t == "tn" else 0):
             return f"{self.name(u)}_t"
         past = self.plan.pads.get(u, (0, 0))[0]
-        return f"{self.name(u)}[{at('t', past - k)}]"
+        return f"{self.name(u)}[{at(t, past - k)}]"
 
     def launch(self, k: Kernel, loop: Loop, seen: set) -> None:
         for n in k.nodes:
             self.comment(n, "        ", seen)
+        if k.ahead:
+            step = "min(t + 1, T - 1)" if loop.direction > 0 else "max(t - 1, 0)"
+            T = context(self.g, loop.nodes[0])["T"]
+            self.lines.append(f"        tn = {step.replace('T', T)}  # the next step")
         args = []
         for a in k.args:
             if a.mask:
-                args.append(f"{self.mask_name(a.node, a.delay)}_all[t]")
+                args.append(f"{self.mask_name(a.node, a.delay)}_all[{'tn' if a.ahead else 't'}]")
             elif a.kind == "value":
-                args.append(f"dt.type(float({self.row(a.node, a.delay, loop)}))")
+                args.append(f"dt.type(float({self.row(a.node, a.delay, loop, a)}))")
             else:
-                args.append(self.row(a.node, a.delay, loop))
+                args.append(self.row(a.node, a.delay, loop, a))
+        if k.ahead:
+            args.append("np.int32(tn != t)")
         self.lines.append(f"        launch({k.name!r}, B * {k.width}, dt, {', '.join(args)})")
         # array code later in the step reads a stored result as this step's row
         for a in k.args:
-            if a.out and a.node in self.plan.stored and self.read_later(a.node, k, loop):
+            if (
+                a.out
+                and not a.ahead
+                and a.node in self.plan.stored
+                and self.read_later(a.node, k, loop)
+            ):
                 past = self.plan.pads.get(a.node, (0, 0))[0]
                 name = self.name(a.node)
+                self.lines.append(f"        {name}_t = {name}[{at('t', past)}]")
+
+    def first_step(self, host: Kernel, loop: Loop, T: str, seen: set) -> None:
+        """The kernel whose work each step does for the next one (fuse.rotated) runs on its
+        own for the first step; then this step's results are read from where it wrote them."""
+        k = host.ahead
+        first = "0" if loop.direction > 0 else f"{T} - 1"
+        lines, self.lines = self.lines, []
+        self.launch(k, loop, seen)
+        launch = [ln for ln in self.lines if ln.lstrip().startswith("launch(")]
+        comments = [ln for ln in self.lines if ln.lstrip().startswith("#")]
+        self.lines = lines
+        self.lines += comments
+        self.lines.append(f"        if t == {first}:  # later steps get these from the step before")
+        self.lines += ["    " + ln for ln in launch]
+        for a in k.args:
+            if not a.out:
+                continue
+            name = self.name(a.node)
+            if a.node in self.two_rows:
+                self.lines.append(f"        {name}_t = {name}_rows[t % 2]")
+            elif self.read_later(a.node, k, loop):
+                past = self.plan.pads.get(a.node, (0, 0))[0]
                 self.lines.append(f"        {name}_t = {name}[{at('t', past)}]")
 
     def accumulate(self, acc: Accumulate, loop: Loop, seen: set) -> None:
@@ -470,7 +520,8 @@ class Module:
         used = {n for s in plan.steps for n in ([s.node] if isinstance(s, Once) else s.nodes)}
         pro = [
             "    dt = np.result_type(*(p.dtype for p in params.values())) if params else np.float64",
-            "    check_data(inputs, INPUTS" + (", targets, TARGETS)" if fname != "forward" else ")"),
+            "    check_data(inputs, INPUTS"
+            + (", targets, TARGETS)" if fname != "forward" else ")"),
         ]
         if self.target == "cupy":  # a carry may come from the host (a checkpoint)
             pro.append(
@@ -610,7 +661,9 @@ class Module:
         for n, (past, _) in sorted(plan.pads.items()):
             if past and init_of(g, n) is not None and "adjoint_of" not in g.nodes[n]:
                 T, M = context_names(g.nodes[n]["level"])
-                items.append(f"{g.nodes[n]['name']!r}: final_rows({self.namer(n)}, {past}, {T}, {M})")
+                items.append(
+                    f"{g.nodes[n]['name']!r}: final_rows({self.namer(n)}, {past}, {T}, {M})"
+                )
         return items
 
     def source(self) -> str:
@@ -631,10 +684,19 @@ class Module:
             meta.append(
                 f"{kind.upper()} = {table!r}  # name: (shape, time domain or 'static', labels?)"
             )
-        masks = {name: (tuple(g.nodes[n]["shape"]), g.nodes[n]["level"], g.nodes[n]["attrs"]["kind"],
-                        g.nodes[n]["attrs"]["p"]) for name, n in g.graph.get("masks", {}).items()
-                 if n in g}  # fmt: skip  (a mask of a value the outputs never read is gone)
-        meta.append(f"MASKS = {masks!r}  # name: (shape, time domain or 'static', dropout|zoneout, p)")
+        masks = {
+            name: (
+                tuple(g.nodes[n]["shape"]),
+                g.nodes[n]["level"],
+                g.nodes[n]["attrs"]["kind"],
+                g.nodes[n]["attrs"]["p"],
+            )
+            for name, n in g.graph.get("masks", {}).items()
+            if n in g
+        }  # fmt: skip  (a mask of a value the outputs never read is gone)
+        meta.append(
+            f"MASKS = {masks!r}  # name: (shape, time domain or 'static', dropout|zoneout, p)"
+        )
         funcs.append(DRAW_MASKS)
         body = "\n\n\n".join(funcs)
         if self.target == "cupy":

@@ -114,6 +114,41 @@ def test_loop_bodies_become_one_kernel_per_phase():
     assert "import cupy as cp" in src and "\nimport rnnc" not in src
 
 
+@needs_gxx
+@pytest.mark.parametrize("lengths", [False, True])
+def test_a_dropout_mask_is_one_more_operand_of_the_steps_kernel(lengths):
+    """Variational dropout on h[t-1]: the step's first kernel (the dropped h forward, the
+    gates' adjoints backward) reads only the step before, so the last kernel of step t does
+    its work for step t+1 (fuse.rotated): one launch a step, plus one for the first step;
+    equal to the NumPy target with drawn masks, lengths and a carried state."""
+    spec = os.path.join(ROOT, "bench", "specs", "lstm_vd_layer.rnn")
+    dims = {"I": 5, "H": 4}
+    mn = compile_spec(spec, dims=dims)
+    mc = load_with_fake_cupy(cupy_source(spec, dims))
+    T, B = 7, 3
+    _Ts, params, inputs, targets, L = random_data(mn.graph, T, B, seed=11, lengths=lengths)
+    assert set(mn.masks) <= set(inputs) and len(mn.masks) == 2
+    _, _, carry = mn.loss_and_grads(params, inputs, targets, return_carry=True)
+    for function in ("forward", "loss_and_grads"):
+        mc.fake.counts.clear()
+        args = (params, inputs) if function == "forward" else (params, inputs, targets)
+        want = getattr(mn, function)(*args, lengths=L, carry=carry)
+        got = getattr(mc, function)(*args, lengths=L, carry=carry)
+        if function == "forward":
+            assert rel(got["h"].get(), want["h"]) < 1e-12
+        else:
+            assert abs(got[0] - want[0]) <= 1e-12 * abs(want[0])
+            for k in want[1]:
+                assert rel(got[1][k].get(), want[1][k]) < 1e-12, k
+        launches = sorted(k.launches for k in mc.fake.counts.values())
+        loops = 1 if function == "forward" else 2
+        assert launches == [1] * loops + [T] * loops, launches  # first step + one per step
+    m = compile_spec(spec, dims=dims, target="cupy", load=False)
+    body = m.source[m.source.index("def loss_and_grads(") :]
+    assert "tn = min(t + 1, T_x - 1)" in body and "tn = max(t - 1, 0)" in body
+    assert "if (more) " in m.source
+
+
 def test_gru_backward_adds_its_gemm_into_the_kernels_row():
     """dh[t-1] = dh·z + Uᵀ·dgates: the kernel writes dh·z into dh[t-1]'s row and cuBLAS adds
     the product there (beta = 1), so the step is one kernel and one GEMM, not two kernels."""
