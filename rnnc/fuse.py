@@ -12,6 +12,7 @@ from .ops import GLOBAL, OPS
 from .schedule import Loop, Plan
 
 MAX_UNROLL = 8  # a thread computes at most this many columns of one output
+MAX_BLOCK = 1024  # CUDA's most threads in a block: a row's threads, where a kernel reduces rows
 
 
 class NotFusable(Exception):
@@ -44,6 +45,8 @@ class Kernel:
     width: int
     args: list[Arg] = field(default_factory=list)
     source: str = ""  # CUDA C; `real` is a typedef the caller puts in front
+    # it reduces over rows (a sum, a mean, a layernorm): one block of `width` threads a sequence
+    rows: bool = False
     # the first kernel of the step, computed here for the next step (see `rotated`); it is
     # launched on its own once, before the loop, for the first step
     ahead: Kernel | None = None
@@ -67,7 +70,7 @@ def fusable(g: Graph, n: int) -> bool:
         return True
     if d["op"] == "concat":
         return d["attrs"].get("axis", -1) == -1
-    return op.cuda is not None
+    return op.cuda is not None or op.cuda_row is not None
 
 
 def needs_mask(g: Graph, u: int, k: int) -> bool:
@@ -249,13 +252,17 @@ def make(
     if not outs:
         return
     widths = [g.nodes[o]["shape"][0] for o in outs + next_outs if g.nodes[o]["shape"]]
+    # a row reduction: each thread holds the same columns of every vector it reduces
+    reduced = [n for n in [*k.nodes, *next_nodes] if OPS[g.nodes[n]["op"]].cuda_row]
+    widths += [g.nodes[u]["shape"][0] for n in reduced for u in [n, *(v for v, _ in operands(g, n))]
+               if g.nodes[u]["shape"]]  # fmt: skip
     W = 0
     for w in widths:
         W = gcd(W, w)
     W = W or 1
-    if any(w // W > MAX_UNROLL for w in widths):
+    if any(w // W > MAX_UNROLL for w in widths) or (reduced and W > MAX_BLOCK):
         return  # too many columns per thread: leave these to array code
-    k.width = W
+    k.width, k.rows = W, bool(reduced)
     source = g.graph.get("source", "").splitlines()
     quoted: set[int] = set()
     loops = plan.loop_of()
@@ -355,6 +362,15 @@ def make(
                 start += w
             raise NotFusable(n)  # a thread's columns would straddle two parts
         op = OPS[d["op"]]
+        if op.cuda_row is not None:
+            row = row_value(n, nxt)
+            if isinstance(row, str):
+                memo[key] = row
+            elif off % W:
+                raise NotFusable(n)  # a column this thread does not hold
+            else:
+                memo[key] = row[off // W]
+            return memo[key]
         args = [value(u, dk, off if width(u) else None, nxt) for u, dk in ins]
         fields = dict(d["attrs"])
         if op.arity is None:
@@ -362,12 +378,30 @@ def make(
         text = op.cuda.format(*args, **fields)
         var = f"{label(n)}{'_next' if nxt else ''}_{off if off is not None else 's'}"
         memo[key] = var
-        line = d["span"].line
+        quote(n)
+        lines.append(f"    const real {var} = {text};")
+        return var
+
+    def quote(n: int) -> None:
+        line = g.nodes[n]["span"].line
         if line and line <= len(source) and line not in quoted:
             quoted.add(line)
             lines.append(f"    // {source[line - 1].split('#')[0].strip()}")
-        lines.append(f"    const real {var} = {text};")
-        return var
+
+    def row_value(n: int, nxt: bool) -> list[str] | str:
+        """n's texts at this thread's columns (one text for a scalar): a reduction over the
+        row, each thread summing its columns, then the block (row_sum_ in CUDA_PRELUDE)."""
+        key = (n, "row", nxt)
+        if key not in memo:
+            d = g.nodes[n]
+            ins = operands(g, n)
+            texts = [[value(u, dk, o, nxt) for o in range(0, width(u), W)] if width(u)
+                     else value(u, dk, None, nxt) for u, dk in ins]  # fmt: skip
+            quote(n)
+            r = RowKernel(f"{label(n)}{'_next' if nxt else ''}", width(ins[0][0]), lines)
+            out = OPS[d["op"]].cuda_row(r, *texts, **d["attrs"])
+            memo[key] = r.let(out) if isinstance(out, str) else [r.let(t) for t in out]
+        return memo[key]
 
     stores: list[tuple[Arg, str, str]] = []
     out_args: list[Arg] = []
@@ -400,8 +434,10 @@ def make(
         "    const int i = blockIdx.x * blockDim.x + threadIdx.x;",
         "    if (i >= n) return;",
         f"    const int b = i / {W}, j = i % {W};",
+        *([f"    __shared__ real rnnc_red[{W}];  // one block per row: its threads' parts"]
+          if k.rows else []),
         *lines,
-    ]
+    ]  # fmt: skip
     for a, target, var in stores:
         guard = "if (j == 0) " if a.kind == "per_b" and W > 1 else ""
         if a.ahead:
@@ -409,6 +445,28 @@ def make(
         body.append(f"    {guard}{target} = {var};")
     body.append("}")
     k.source = "\n".join(body)
+
+
+class RowKernel:
+    """What an op's cuda_row rule writes with: named values, and sums and maxima over the
+    row (all of the block's threads take part, each with the columns it holds)."""
+
+    def __init__(self, prefix: str, width: int, lines: list[str]):
+        self.prefix, self.width, self.lines = prefix, width, lines
+
+    def let(self, text: str) -> str:
+        name = f"{self.prefix}_r{sum(ln.startswith(f'    const real {self.prefix}_r') for ln in self.lines)}"
+        self.lines.append(f"    const real {name} = {text};")
+        return name
+
+    def sum(self, texts: list[str]) -> str:
+        return self.let(f"row_sum_({' + '.join(texts)}, rnnc_red)")
+
+    def max(self, texts: list[str]) -> str:
+        part = texts[0]
+        for t in texts[1:]:
+            part = f"max_({part}, {t})"
+        return self.let(f"row_max_({part}, rnnc_red)")
 
 
 def loop_kernels(

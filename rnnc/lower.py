@@ -414,6 +414,8 @@ class Emitter:
                 args.append(self.row(a.node, a.delay, loop, a))
         if k.ahead:
             args.append("np.int32(tn != t)")
+        if k.rows:  # a block of threads per sequence: they reduce over its row together
+            args.append(f"block={k.width}")
         self.lines.append(f"        launch({k.name!r}, B * {k.width}, dt, {', '.join(args)})")
         # array code later in the step reads a stored result as this step's row
         for a in k.args:
@@ -728,11 +730,12 @@ def kernel(name, real):
     return cp.RawKernel(f"typedef {real} real;\\n" + PRELUDE + KERNELS[name], name)
 
 
-def launch(name, n, dt, *args):
-    # n threads: one per (sequence, column); arrays are passed as pointers to their first element
+def launch(name, n, dt, *args, block=128):
+    # n threads: one per (sequence, column), in blocks of `block` (a kernel that reduces over
+    # rows has a block per sequence); arrays are passed as pointers to their first element
     k = kernel(name, "float" if dt == np.float32 else "double")
     args = tuple(cp.ascontiguousarray(a) if isinstance(a, cp.ndarray) else a for a in args)
-    k(((n + 127) // 128,), (128,), args + (np.int32(n),))"""
+    k(((n + block - 1) // block,), (block,), args + (np.int32(n),))"""
 
 
 def to_cupy(line: str) -> str:

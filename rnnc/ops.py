@@ -12,6 +12,9 @@ Every graph node names an op here. An entry holds:
   cuda:  the same for one element in CUDA C, operands being scalars of type `real` (float or
          double); an elementwise op with one fuses into the per-step kernels (fuse.py), and
          the device functions it calls live in CUDA_PRELUDE
+  cuda_row: for a reduction over the features (sum, mean, layernorm and its adjoint), the
+         texts at the columns a thread holds, written with sums over the row's threads; such
+         a kernel runs a block of threads per sequence
 Ops used only inside gradients have vjp=None with a comment: rnnc takes first derivatives.
 This module imports nothing from rnnc.
 """
@@ -61,6 +64,11 @@ class Op:
     slots: tuple[int, ...] = ()  # the precedence each operand's text needs (default 0)
     seq: str | None = None  # the template for a whole [T, B, ...] sequence, where it differs
     cuda: str | None = None  # one element in CUDA C (type `real`): ops with one fuse into kernels
+    # a reduction over a row's features inside a kernel: cuda_row(r, *operands, **attrs), each
+    # operand the texts of the columns one thread holds (a list; one text for a scalar), r the
+    # kernel (r.let(text) -> a name, r.sum(texts) / r.max(texts) -> the whole row's, r.width);
+    # returns this op's texts at those columns, or one text for a scalar per row
+    cuda_row: Callable[..., list[str] | str] | None = None
     # CuPy: a statement adding this op's value into {out} (a cuBLAS GEMM with beta = 1)
     accumulate: str | None = None
     attrs: dict[str, Any] = field(default_factory=dict)  # keyword arguments and defaults
@@ -377,6 +385,33 @@ __device__ __forceinline__ real hard_sigmoid_(real x) {
   return y < R(0) ? R(0) : (y > R(1) ? R(1) : y);
 }
 __device__ __forceinline__ real step_(real x) { return x > R(0) ? R(1) : R(0); }
+__device__ __forceinline__ real max_(real a, real b) { return (a != a || a >= b) ? a : b; }
+/* a row's sum (or max) over the block's threads, one per thread's part; every thread of
+   the block calls it and gets the total. Pairwise, in the same order on every run. */
+__device__ real row_sum_(real v, real* red) {
+  const int j = threadIdx.x, n = blockDim.x;
+  red[j] = v;
+  __syncthreads();
+  for (int s = 1; s < n; s <<= 1) {
+    if (j % (2 * s) == 0 && j + s < n) red[j] += red[j + s];
+    __syncthreads();
+  }
+  const real total = red[0];
+  __syncthreads();
+  return total;
+}
+__device__ real row_max_(real v, real* red) {
+  const int j = threadIdx.x, n = blockDim.x;
+  red[j] = v;
+  __syncthreads();
+  for (int s = 1; s < n; s <<= 1) {
+    if (j % (2 * s) == 0 && j + s < n) red[j] = max_(red[j], red[j + s]);
+    __syncthreads();
+  }
+  const real top = red[0];
+  __syncthreads();
+  return top;
+}
 __device__ __forceinline__ real sign_(real x) { return x > R(0) ? R(1) : (x < R(0) ? R(-1) : x); }
 __device__ __forceinline__ real elu_d_(real x, real a) { return x > R(0) ? R(1) : a * exp(x); }
 __device__ __forceinline__ real leaky_d_(real x, real a) { return x > R(0) ? R(1) : a; }
@@ -385,31 +420,77 @@ __device__ __forceinline__ real hard_sigmoid_d_(real x) { return fabs(x) < R(2.5
 
 # ----- Over the feature axis -----
 
+
+def row_mean(r, xs: list[str]) -> str:
+    return r.let(f"{r.sum(xs)} / R({r.width})")
+
+
+def row_centered(r, xs: list[str]) -> list[str]:
+    """x - mean(x), the first of the variance's two passes."""
+    m = row_mean(r, xs)
+    return [r.let(f"{x} - {m}") for x in xs]
+
+
+def row_inv_root(r, xs: list[str], eps: float) -> str:
+    """1 / sqrt(mean(x²) + eps), eps inside the root."""
+    return r.let(f"R(1) / sqrt({r.sum([f'{x} * {x}' for x in xs])} / R({r.width}) + R({eps!r}))")
+
+
+def row_layernorm(r, xs: list[str], eps: float) -> list[str]:
+    cs = row_centered(r, xs)
+    s = row_inv_root(r, cs, eps)
+    return [f"{c} * {s}" for c in cs]
+
+
+def row_layernorm_d(r, gs: list[str], ys: list[str], xs: list[str], eps: float) -> list[str]:
+    s = row_inv_root(r, row_centered(r, xs), eps)
+    mg = row_mean(r, gs)
+    mgy = row_mean(r, [f"{g} * {y}" for g, y in zip(gs, ys, strict=True)])
+    return [f"{s} * ({g} - {mg} - {y} * {mgy})" for g, y in zip(gs, ys, strict=True)]
+
+
+def row_rmsnorm(r, xs: list[str], eps: float) -> list[str]:
+    s = row_inv_root(r, xs, eps)
+    return [f"{x} * {s}" for x in xs]
+
+
+def row_rmsnorm_d(r, gs: list[str], ys: list[str], xs: list[str], eps: float) -> list[str]:
+    s = row_inv_root(r, xs, eps)
+    mgy = row_mean(r, [f"{g} * {y}" for g, y in zip(gs, ys, strict=True)])
+    return [f"{s} * ({g} - {y} * {mgy})" for g, y in zip(gs, ys, strict=True)]
+
+
+def row_var(r, xs: list[str]) -> str:
+    return row_mean(r, [f"{c} * {c}" for c in row_centered(r, xs)])
+
+
 defop("softmax", 1, vector, "softmax({0})",
       vjp=lambda g, y, x: [y * (g - (g * y).op("sum_f"))])  # fmt: skip
 defop("log_softmax", 1, vector, "log_softmax({0})",
       vjp=lambda g, y, x: [g - y.op("exp") * g.op("sum_f")])  # fmt: skip
 # reductions over the features keep the level: one number per step (or per sequence, or model)
 defop("sum_f", 1, over_features, "{0}.sum(axis=-1)", slots=(9,), spelling="sum",
-      vjp=lambda g, y, x: [g.op("expand", n=x.shape[-1])])  # fmt: skip
-defop("mean", 1, over_features, "{0}.mean(axis=-1)", slots=(9,),
+      cuda_row=lambda r, xs: r.sum(xs), vjp=lambda g, y, x: [g.op("expand", n=x.shape[-1])])  # fmt: skip
+defop("mean", 1, over_features, "{0}.mean(axis=-1)", slots=(9,), cuda_row=row_mean,
       vjp=lambda g, y, x: [(g * (1.0 / x.shape[-1])).op("expand", n=x.shape[-1])])  # fmt: skip
-defop("var", 1, over_features, "{0}.var(axis=-1)", slots=(9,),  # NumPy's var: two passes
+defop("var", 1, over_features, "{0}.var(axis=-1)", slots=(9,), cuda_row=row_var,  # two passes
       vjp=lambda g, y, x: [(x - x.op("mean")) * (g * (2.0 / x.shape[-1])).op("expand", n=x.shape[-1])])  # fmt: skip
 defop("max", 1, over_features, "{0}.max(axis=-1)", slots=(9,), smooth=False,
-      vjp=lambda g, y, x: [g.op("expand", n=x.shape[-1]) * x.op("max_mask")])  # fmt: skip
+      cuda_row=lambda r, xs: r.max(xs), vjp=lambda g, y, x: [g.op("expand", n=x.shape[-1]) * x.op("max_mask")])  # fmt: skip
 defop("min", 1, over_features, "{0}.min(axis=-1)", slots=(9,), smooth=False,
-      vjp=lambda g, y, x: [g.op("expand", n=x.shape[-1]) * x.op("min_mask")])  # fmt: skip
-defop("expand", 1, expanded, "expand({0}, {n})", user=False)  # only in gradients (reductions)
+      cuda_row=lambda r, xs: f"-{r.max([f'-({x})' for x in xs])}", vjp=lambda g, y, x: [g.op("expand", n=x.shape[-1]) * x.op("min_mask")])  # fmt: skip
+defop("expand", 1, expanded, "expand({0}, {n})", user=False, cuda="{0}")  # only in gradients (reductions)
 defop("max_mask", 1, same, "max_mask({0})", user=False)  # only in gradients (max)
 defop("min_mask", 1, same, "min_mask({0})", user=False)  # only in gradients (min)
 # normalization over the features, each with one fused adjoint; gain and bias as the spec writes
 defop("layernorm", 1, vector, "layernorm({0}, {eps!r})", attrs={"eps": 1e-5},
-      vjp=lambda g, y, x, eps: [g.op("layernorm_d", y, x, eps=eps)])  # fmt: skip
-defop("layernorm_d", 3, first_shape, "layernorm_d({0}, {1}, {2}, {eps!r})", user=False)
+      cuda_row=row_layernorm, vjp=lambda g, y, x, eps: [g.op("layernorm_d", y, x, eps=eps)])  # fmt: skip
+defop("layernorm_d", 3, first_shape, "layernorm_d({0}, {1}, {2}, {eps!r})", user=False,
+      cuda_row=row_layernorm_d)  # fmt: skip
 defop("rmsnorm", 1, vector, "rmsnorm({0}, {eps!r})", attrs={"eps": 1e-5},
-      vjp=lambda g, y, x, eps: [g.op("rmsnorm_d", y, x, eps=eps)])  # fmt: skip
-defop("rmsnorm_d", 3, first_shape, "rmsnorm_d({0}, {1}, {2}, {eps!r})", user=False)
+      cuda_row=row_rmsnorm, vjp=lambda g, y, x, eps: [g.op("rmsnorm_d", y, x, eps=eps)])  # fmt: skip
+defop("rmsnorm_d", 3, first_shape, "rmsnorm_d({0}, {1}, {2}, {eps!r})", user=False,
+      cuda_row=row_rmsnorm_d)  # fmt: skip
 defop("concat", None, concat_shape, "np.concatenate(({args},), axis={axis})", attrs={"axis": -1},
       vjp=lambda g, y, *xs, axis=-1: concat_vjp(g, xs, axis))  # fmt: skip
 defop("slice", 1, slice_shape, "{0}[..., {start}:{stop}]", slots=(9,), user=False, attrs={"axis": -1},

@@ -21,13 +21,19 @@ import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
 HOST_PRELUDE = """
+#include <barrier>
 #include <cmath>
+#include <thread>
+#include <vector>
 using namespace std;
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __shared__ static  /* blocks run one after another: one copy serves them all */
 struct rnnc_dim3 { int x; };
-static rnnc_dim3 blockIdx = {0}, blockDim = {1}, threadIdx = {0};
+static thread_local rnnc_dim3 blockIdx = {0}, blockDim = {1}, threadIdx = {0};
+static std::barrier<>* rnnc_block_barrier = nullptr;
+static void __syncthreads() { rnnc_block_barrier->arrive_and_wait(); }
 """
 
 CACHE = os.path.join(tempfile.gettempdir(), "rnnc-hostcuda")
@@ -38,15 +44,33 @@ def have_compiler() -> bool:
 
 
 def driver(source: str) -> str:
-    """A host function per kernel that runs it for every thread index 0..n-1."""
+    """A host function per kernel that runs it for every thread index 0..n-1: one after
+    another; or, for a kernel whose threads meet at __syncthreads (a block per row), each
+    block's threads as real threads meeting at a barrier, one block after another."""
     out = []
-    for m in re.finditer(r'extern "C" __global__ void (\w+)\(([^)]*)\)', source):
+    found = list(re.finditer(r'extern "C" __global__ void (\w+)\(([^)]*)\)', source))
+    for m, nxt in zip(found, [*found[1:], None], strict=True):
         name, params = m.group(1), m.group(2)
-        names = [p.split()[-1] for p in params.split(",")]
-        out.append(
-            f'extern "C" void drive_{name}({params}) {{\n'
-            f"  for (int t = 0; t < n; ++t) {{ threadIdx.x = t; {name}({', '.join(names)}); }}\n}}"
-        )
+        names = ", ".join(p.split()[-1] for p in params.split(","))
+        body = source[m.end() : nxt.start() if nxt else len(source)]
+        if "__shared__" not in body:
+            out.append(
+                f'extern "C" void drive_{name}({params}, const int block) {{\n'
+                f"  for (int t = 0; t < n; ++t) {{ threadIdx.x = t; {name}({names}); }}\n}}"
+            )
+            continue
+        out.append(f"""extern "C" void drive_{name}({params}, const int block) {{
+  for (int b0 = 0; b0 * block < n; ++b0) {{
+    std::barrier<> meet(block);
+    rnnc_block_barrier = &meet;
+    std::vector<std::thread> threads;
+    for (int t = 0; t < block; ++t)
+      threads.emplace_back([&, t] {{
+        blockIdx.x = b0; blockDim.x = block; threadIdx.x = t; {name}({names});
+      }});
+    for (auto& th : threads) th.join();
+  }}
+}}""")
     return "\n".join(out)
 
 
@@ -61,8 +85,8 @@ def build(source: str) -> ctypes.CDLL:
         with open(src, "w") as f:
             f.write(text)
         tmp = lib + f".{os.getpid()}.tmp"
-        subprocess.run(["g++", "-O1", "-shared", "-fPIC", "-o", tmp, src], check=True,
-                       capture_output=True)  # fmt: skip
+        subprocess.run(["g++", "-O1", "-std=c++20", "-pthread", "-shared", "-fPIC", "-o", tmp, src],
+                       check=True, capture_output=True)  # fmt: skip
         os.replace(tmp, lib)
     return ctypes.CDLL(lib)
 
@@ -182,6 +206,7 @@ class HostKernel:
         self.fn = getattr(lib, f"drive_{name}")
         self.real = real
         self.launches = 0
+        self.blocks: set[int] = set()  # the threads per block it was launched with
 
     def __call__(self, grid, block, args) -> None:
         assert grid[0] * block[0] >= int(args[-1])  # enough threads for n
@@ -195,8 +220,9 @@ class HostKernel:
                 cargs.append(ctypes.c_int(int(a)))
             else:
                 cargs.append(self.real(float(a)))
-        self.fn(*cargs)
+        self.fn(*cargs, ctypes.c_int(block[0]))
         self.launches += 1
+        self.blocks.add(block[0])
 
 
 def gemm(transa: str, transb: str, a, b, out=None, alpha=1.0, beta=0.0):

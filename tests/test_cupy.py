@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from rnnc.compiler import compile_spec
 from rnnc.errors import RnncError
 from rnnc.format import format_program
 from rnnc.fuse import Kernel
+from rnnc.ops import OPS
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 SPECS = sorted(os.path.join(ROOT, "specs", f) for f in os.listdir(os.path.join(ROOT, "specs")))
@@ -116,18 +118,21 @@ def test_loop_bodies_become_one_kernel_per_phase():
 
 @needs_gxx
 @pytest.mark.parametrize("lengths", [False, True])
-def test_a_dropout_mask_is_one_more_operand_of_the_steps_kernel(lengths):
+@pytest.mark.parametrize("name", ["lstm_vd_layer", "ln_lstm_layer"])
+def test_dropout_and_layernorm_steps_are_one_gemm_and_one_kernel(name, lengths):
     """Variational dropout on h[t-1]: the step's first kernel (the dropped h forward, the
     gates' adjoints backward) reads only the step before, so the last kernel of step t does
-    its work for step t+1 (fuse.rotated): one launch a step, plus one for the first step;
-    equal to the NumPy target with drawn masks, lengths and a carried state."""
-    spec = os.path.join(ROOT, "bench", "specs", "lstm_vd_layer.rnn")
+    its work for step t+1 (fuse.rotated): one launch a step, plus one for the first step.
+    Layer norm: the kernel reduces over rows, one block of threads per sequence, so the
+    norms of the gates and of the cell are in the step's one kernel. Both equal the NumPy
+    target with drawn masks, lengths and a carried state."""
+    spec = os.path.join(ROOT, "bench", "specs", f"{name}.rnn")
     dims = {"I": 5, "H": 4}
     mn = compile_spec(spec, dims=dims)
     mc = load_with_fake_cupy(cupy_source(spec, dims))
     T, B = 7, 3
     _Ts, params, inputs, targets, L = random_data(mn.graph, T, B, seed=11, lengths=lengths)
-    assert set(mn.masks) <= set(inputs) and len(mn.masks) == 2
+    assert set(mn.masks) <= set(inputs) and len(mn.masks) == (2 if "vd" in name else 0)
     _, _, carry = mn.loss_and_grads(params, inputs, targets, return_carry=True)
     for function in ("forward", "loss_and_grads"):
         mc.fake.counts.clear()
@@ -142,11 +147,78 @@ def test_a_dropout_mask_is_one_more_operand_of_the_steps_kernel(lengths):
                 assert rel(got[1][k].get(), want[1][k]) < 1e-12, k
         launches = sorted(k.launches for k in mc.fake.counts.values())
         loops = 1 if function == "forward" else 2
-        assert launches == [1] * loops + [T] * loops, launches  # first step + one per step
+        first = [1] * loops if "vd" in name else []  # the first step's, before the loop
+        assert launches == first + [T] * loops, launches
+        if "ln" in name:  # a block of threads per sequence, each thread one column of h
+            assert all(k.blocks == {4} for k in mc.fake.counts.values())
     m = compile_spec(spec, dims=dims, target="cupy", load=False)
-    body = m.source[m.source.index("def loss_and_grads(") :]
-    assert "tn = min(t + 1, T_x - 1)" in body and "tn = max(t - 1, 0)" in body
-    assert "if (more) " in m.source
+    if "vd" in name:
+        body = m.source[m.source.index("def loss_and_grads(") :]
+        assert "tn = min(t + 1, T_x - 1)" in body and "tn = max(t - 1, 0)" in body
+        assert "if (more) " in m.source
+    else:
+        assert m.source.count("__shared__ real rnnc_red[4]") == 6  # forward, loss, 2 x 2 loops
+
+
+ROW_OPS = sorted(n for n, op in OPS.items() if op.cuda_row)
+GRADIENT_OF = {"layernorm_d": "layernorm", "rmsnorm_d": "rmsnorm"}  # ops only in gradients
+
+
+def test_every_reduction_over_features_has_a_row_rule():
+    from rnnc.ops import over_features
+
+    reductions = {
+        n for n, op in OPS.items() if getattr(op.shape, "__wrapped__", op.shape) is over_features
+    }
+    assert reductions == {"sum_f", "mean", "var", "max", "min"}
+    assert set(ROW_OPS) == reductions | {"layernorm", "layernorm_d", "rmsnorm", "rmsnorm_d"}
+
+
+@needs_gxx
+@pytest.mark.parametrize("name", ROW_OPS)
+def test_every_row_reduction_fuses_and_equals_numpy(name):
+    """Each op with a cuda_row rule, inside a recurrence: it is computed in the step's kernel
+    (forward, and backward where its gradient reduces too), equal to the NumPy target."""
+    user = GRADIENT_OF.get(name, name)
+    spelling = OPS[user].spelling or user
+    use = f"{spelling}(a)" if OPS[user].shape((4,)) == (4,) else f"{spelling}(a) * a"
+    text = f"""model m {{
+  dim I = 3, H = 4
+  input x[I] : sequence
+  target y[H] : sequence
+  param W[H, I], U[H, H]
+  a = W @ x + U @ h[t-1]
+  h = tanh({use} + 0.5 * a)
+  loss = mse(h, y)
+}}
+"""
+    mn = compile_spec(text)
+    src = compile_spec(text, target="cupy", load=False).source
+    mc = load_with_fake_cupy(src)
+    _Ts, params, inputs, targets, L = random_data(mn.graph, 5, 3, seed=2, lengths=True)
+    loss, grads = mn.loss_and_grads(params, inputs, targets, lengths=L, with_inputs=True)
+    loss_c, grads_c = mc.loss_and_grads(params, inputs, targets, lengths=L, with_inputs=True)
+    assert abs(loss_c - loss) <= 1e-12 * abs(loss)
+    for k in grads:
+        assert rel(grads_c[k].get(), grads[k]) < 1e-12, k
+    body = src[src.index("def loss_and_grads(") : src.index("def loss_and_all_grads(")]
+    loops = [loop_body(body, "for t in range(T_x):")]
+    if name not in ("max", "min"):  # max's gradient (a one-hot of the argmax) is array code
+        loops.append(loop_body(body, "for t in range(T_x - 1, -1, -1):"))
+    for lines in loops:  # GEMMs and one launch, with a block of threads a sequence
+        assert [ln for ln in lines if not re.fullmatch(ROW_READ_GEMM_STORE, ln)] \
+            == [next(ln for ln in lines if ln.startswith("launch("))], lines  # fmt: skip
+        assert "block=4" in lines[-1] or any("block=4" in ln for ln in lines)
+
+
+ROW_READ_GEMM_STORE = r"\w+_t = (\w+\[t\]|.* @ \w+(\.T)?)|\w+\[t( [+-] \d+)?\] = \w+_t"
+
+
+def loop_body(code: str, head: str) -> list[str]:
+    """The statements of the loop that starts with `head` (comments left out)."""
+    rest = code[code.index(head) :].splitlines()[1:]
+    body = [ln for ln in rest[: next(i for i, ln in enumerate(rest) if not ln.startswith(" " * 8))]]
+    return [ln.strip() for ln in body if not ln.strip().startswith("#")]
 
 
 def test_gru_backward_adds_its_gemm_into_the_kernels_row():
