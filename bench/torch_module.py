@@ -17,7 +17,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = ["nn.LSTM", "rnnc.torch.Module", "python loop", "torch.compile(loop)"]
+VARIANTS = ["nn.LSTM", "rnnc.torch.Module", "Module(recompute=True)", "python loop",
+            "torch.compile(loop)"]  # fmt: skip
 SPEC = "use LSTM\n\nmodel m {{\n  dim I = {I}, H = {H}\n  input x[I] : sequence\n  h = LSTM(x, H=H)\n}}\n"
 
 
@@ -31,8 +32,8 @@ def build(variant: str, B: int, T: int, N: int):
     ref = torch.nn.LSTM(N, N)
     if variant == "nn.LSTM":
         return ref, lambda x: ref(x)[0]
-    if variant == "rnnc.torch.Module":
-        cell = rt.Module(SPEC.format(I=N, H=N))
+    if variant in ("rnnc.torch.Module", "Module(recompute=True)"):
+        cell = rt.Module(SPEC.format(I=N, H=N), recompute="recompute" in variant)
         with torch.no_grad():
             for name, p in cell.named_rnnc_parameters().items():
                 p.copy_(getattr(ref, name.split(".")[1] + "_l0"))

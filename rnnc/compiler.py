@@ -9,13 +9,11 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-import networkx as nx
-
 from .check import check, require_loss
 from .elaborate import elaborate
 from .errors import RnncError, Span, UsageError
 from .grad import grad
-from .graph import Graph, validate
+from .graph import Graph, forward_outputs, validate
 from .load import load_source
 from .lower import lower
 from .parse import parse, read_source
@@ -71,12 +69,6 @@ def checked(g: Graph) -> Graph:
     return g
 
 
-def forward_outputs(g: Graph) -> dict[str, int]:
-    """Named outputs that need no targets."""
-    targets = set(g.graph["targets"].values())
-    return {k: n for k, n in g.graph["outputs"].items() if not (nx.ancestors(g, n) | {n}) & targets}
-
-
 @dataclass
 class Model:
     """A compiled model: the generated module's functions, and what made them."""
@@ -106,6 +98,11 @@ class Model:
 
     def loss(self, params, inputs, targets, **kw):
         return self.module.loss(params, inputs, targets, **kw)
+
+    def vjp(self, params, inputs, **kw):
+        """A generator (compile_spec(..., vjp=True)): yields the outputs, is sent the targets,
+        returns (loss, grads with the inputs') — the forward pass runs once."""
+        return self.module.vjp(params, inputs, **kw)
 
     def loss_and_grads(self, params, inputs, targets, **kw):
         """(loss, grads); with_inputs=True adds the gradient for each real-valued input."""
@@ -180,7 +177,7 @@ def require_gpu() -> None:
             ) from None
 
 
-def plans_for(g: Graph, gg: Graph | None) -> dict[str, Plan]:
+def plans_for(g: Graph, gg: Graph | None, vjp: bool = False) -> dict[str, Plan]:
     base = gg if gg is not None else g  # one graph, so one set of names for every function
     cond = components(base)
     plans = {"forward": schedule(base, forward_outputs(base), cond)}
@@ -193,6 +190,8 @@ def plans_for(g: Graph, gg: Graph | None) -> dict[str, Plan]:
         plans["loss_and_grads"] = schedule(gg, wanted, cond)
         wanted.update({"d" + k: v for k, v in gg.graph["grads"].items()})
         plans["loss_and_all_grads"] = schedule(gg, wanted, cond)
+        if vjp:  # the same, with the forward outputs; lowering pauses it for the targets
+            plans["vjp"] = schedule(gg, {**wanted, **forward_outputs(gg)}, cond)
     return plans
 
 
@@ -203,9 +202,11 @@ def compile_spec(
     model: str | None = None,
     optimize: bool = True,
     load: bool = True,
+    vjp: bool = False,
 ) -> Model:
     """Compile a spec (a path or its text) into a loaded model. target="cupy" needs CuPy and
-    a GPU to load; load=False only generates the code (any machine)."""
+    a GPU to load; load=False only generates the code (any machine). vjp=True adds `vjp`:
+    loss_and_grads as a generator that pauses after the forward pass for the targets."""
     if target not in TARGETS:
         raise RnncError(f"unknown target '{target}'", Span(), hint="targets: " + ", ".join(TARGETS),
                         code="E502")  # fmt: skip
@@ -223,7 +224,7 @@ def compile_spec(
         require_loss(g)
         if optimize:
             gg = checked(opt(gg))
-    plans = plans_for(g, gg)
+    plans = plans_for(g, gg, vjp)
     source = lower(gg if gg is not None else g, plans, file, target)
     module = load_source(source, "rnnc_" + g.graph["model"]) if load else None
     return Model(program, g, gg, plans, source, module, target)

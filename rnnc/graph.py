@@ -233,3 +233,9 @@ def copy_graph(g: Graph) -> Graph:
         d["attrs"] = dict(d["attrs"])
     h.graph = {k: (dict(v) if isinstance(v, dict) else v) for k, v in g.graph.items()}
     return h
+
+
+def forward_outputs(g: Graph) -> dict[str, int]:
+    """Named outputs that need no targets."""
+    targets = set(g.graph["targets"].values())
+    return {k: n for k, n in g.graph["outputs"].items() if not (nx.ancestors(g, n) | {n}) & targets}

@@ -8,15 +8,19 @@ step reads like the equation it came from.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import functools
 import inspect
 import keyword
 import re
 from typing import Any
 
+import networkx as nx
+
 from . import kernels
+from .errors import RnncError
 from .fuse import Accumulate, Arg, Kernel, loop_kernels, needs_mask
-from .graph import Graph, init_of, is_seq, operands, order
+from .graph import Graph, forward_outputs, init_of, is_seq, operands, order
 from .interpret import context
 from .ops import CUDA_PRELUDE, OPS, operand_text, render, slot_prec_of, slot_uses
 from .schedule import Loop, Once, Plan
@@ -218,13 +222,16 @@ class Emitter:
         where = f"{sp.file.rsplit('/', 1)[-1]}:{sp.line}"
         self.lines.append(f"{indent}# {what}{text}  ({where})")
 
-    def emit(self) -> list[str]:
+    def emit(self, pause: tuple[int, list[str]] | None = None) -> list[str]:
+        """The body's statements; with pause = (i, lines), those lines before step i."""
         self.masks: set[tuple[str, str, int]] = set()
         body: list[str] = []
         self.lines = body
         seen: set = set()
         frees = self.frees()
         for i, step in enumerate(self.plan.steps):
+            if pause is not None and pause[0] == i:
+                body += pause[1]
             if frees.get(i):
                 body.append(f"    del {', '.join(sorted(frees[i]))}  # no later step reads these")
             if isinstance(step, Once):
@@ -516,14 +523,23 @@ class Module:
 
     def numpy_function(self, fname: str, plan: Plan) -> list[str]:
         g = self.g
+        late: set[int] = set()  # vjp: the target leaves, read after the pause
+        if fname == "vjp":
+            plan, i, late = self.paused(plan)
         em = Emitter(plan, self.namer, g.graph.get("env", {}), self.target, fname)
         self.kernels += em.kernels
-        body = em.emit()
         used = {n for s in plan.steps for n in ([s.node] if isinstance(s, Once) else s.nodes)}
+        if fname == "vjp":
+            out = ", ".join(f"{k!r}: {self.output(n, em)}" for k, n in forward_outputs(g).items())
+            resume = [f"    targets = yield {{{out}}}", "    check_data(inputs, INPUTS, targets, TARGETS)"]
+            resume += ["    " + leaf_binding(g, n, self.namer(n)) for n in sorted(late)]
+            body = em.emit(pause=(i, resume))
+        else:
+            body = em.emit()
         pro = [
             "    dt = np.result_type(*(p.dtype for p in params.values())) if params else np.float64",
             "    check_data(inputs, INPUTS"
-            + (", targets, TARGETS)" if fname != "forward" else ")"),
+            + (", targets, TARGETS)" if fname not in ("forward", "vjp") else ")"),
         ]
         if self.target == "cupy":  # a carry may come from the host (a checkpoint)
             pro.append(
@@ -531,7 +547,7 @@ class Module:
             )
         leaves = sorted(n for n in used if OPS[g.nodes[n]["op"]].kind == "leaf")
         for n in leaves:
-            b = leaf_binding(g, n, self.namer(n))
+            b = leaf_binding(g, n, self.namer(n)) if n not in late else None
             if b and self.target == "cupy" and g.nodes[n]["op"] == "param":
                 # parameters may arrive as NumPy arrays (a checkpoint): copy them over once
                 b = b.replace("= params[", "= cp.asarray(params[", 1) + ")"
@@ -566,6 +582,7 @@ class Module:
             " with_inputs=False, rng=None",
             "loss_and_all_grads": "params, inputs, targets, lengths=None, carry=None,"
             " return_carry=False, rng=None",
+            "vjp": "params, inputs, lengths=None, carry=None, return_carry=False, rng=None",
         }[fname]
         doc = {
             "forward": "The named outputs of the model for `inputs`.",
@@ -573,6 +590,9 @@ class Module:
             "loss_and_grads": "The loss and its gradient for every param and initial state\n"
             "    (and every real-valued input, with_inputs=True).",
             "loss_and_all_grads": "loss_and_grads(..., with_inputs=True).",
+            "vjp": "loss_and_grads(..., with_inputs=True) in two halves, a generator: it yields\n"
+            "    the outputs after the forward pass, is sent the targets, and returns (loss, grads)\n"
+            "    without running the forward pass again (the targets may depend on the outputs).",
         }[fname]
         lines = [f"def {fname}({args}):", f'    """{doc}"""']
         if fname == "loss_and_grads":
@@ -618,16 +638,41 @@ class Module:
                 out.append(f"    {T} = {M} = None")
         return out
 
+    def paused(self, plan: Plan) -> tuple[Plan, int, set[int]]:
+        """vjp: the plan with the steps that need no target first (an order that still
+        respects every edge: none of them reads one that does), where it pauses, and the
+        target leaves."""
+        g = self.g
+        targets = {n for n in g.graph["targets"].values() if n in g}
+        late = set().union(*(nx.descendants(g, n) for n in targets)) if targets else set()
+        before, after = [], []
+        for s in plan.steps:  # in order: a step reading a later one's value is later too
+            nodes = [s.node] if isinstance(s, Once) else s.nodes
+            if any(n in late or any(u in late for u, _ in operands(g, n)) for n in nodes):
+                after.append(s)
+                late |= set(nodes)
+            else:
+                before.append(s)
+        for name, n in forward_outputs(g).items():
+            if n in late:  # made in a loop that also computes terms of the loss
+                raise RnncError(f"vjp: the output '{name}' is computed with the loss",
+                                code="E575")  # fmt: skip
+        return dataclasses.replace(plan, steps=before + after), len(before), targets
+
+    def output(self, n: int, em: Emitter) -> str:
+        """A named value as the functions return it: a sequence zero past each length."""
+        d = self.g.nodes[n]
+        if is_seq(d["level"]):
+            M = context_names(d["level"])[1]
+            return f"zero_padding({em.seq_read(n, 0, None)}, {M})"
+        return self.namer(n) if d["op"] != "const" else repr(d["attrs"]["value"])
+
     def returns(self, fname: str, plan: Plan, em: Emitter) -> list[str]:
         g = self.g
         out = []
 
         def value(n: int) -> str:
-            d = g.nodes[n]
-            if is_seq(d["level"]):
-                M = context_names(d["level"])[1]
-                return f"zero_padding({em.seq_read(n, 0, None)}, {M})"
-            return self.namer(n) if g.nodes[n]["op"] != "const" else repr(d["attrs"]["value"])
+            return self.output(n, em)
 
         carry = "{" + ", ".join(self.carries(plan)) + "}"
         if fname in ("forward", "loss"):

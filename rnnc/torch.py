@@ -9,7 +9,12 @@ arrays rnnc reads are NumPy views of the tensors (no copies).
 
 The backward pass is the spec's own BPTT: rnnc compiles the model a second time with the
 loss `dot(output, d_output)` — a linear loss whose gradient is exactly the vector-Jacobian
-product torch asks for (times the batch size, which rnnc's losses average over). Initial
+product torch asks for (times the batch size, which rnnc's losses average over). When a
+gradient will be wanted, the forward pass runs as that model's `vjp` generator, which keeps
+its tape and, sent torch's gradient, runs only the backward pass; without one (no_grad,
+nothing requiring a gradient) the plain forward pass runs, keeping nothing. With
+recompute=True the module keeps nothing between the passes either, and the backward pass runs
+the forward pass again (activation checkpointing: less memory, more time). Initial
 states may be passed (and get gradients); `lengths` stop each sequence early. In train()
 mode dropout and zoneout masks are drawn from the module's generator (seeded by `seed`); in
 eval() mode dropout is off and zoneout at its expectation."""
@@ -52,8 +57,10 @@ class Module(torch.nn.Module):
     """A compiled .rnn model as a torch.nn.Module returning one named output sequence."""
 
     def __init__(self, spec: str, output: str = "h", dims: dict[str, int] | None = None,
-                 model: str | None = None, seed: int = 0, dtype: Any = torch.float32):  # fmt: skip
+                 model: str | None = None, seed: int = 0, dtype: Any = torch.float32,
+                 recompute: bool = False):  # fmt: skip
         super().__init__()
+        self.recompute = recompute
         text, file = read_spec(spec)
         self.fwd: Model = compile_spec(text, dims=dims, model=model)
         g = self.fwd.graph
@@ -67,7 +74,8 @@ class Module(torch.nn.Module):
         self.input, self.output = seq[0], output
         node = g.graph["outputs"][output]
         shape = tuple(g.nodes[node]["shape"])
-        self.bwd: Model = compile_spec(vjp_spec(text, file, output, shape, model), dims=dims, model=model)
+        self.bwd: Model = compile_spec(vjp_spec(text, file, output, shape, model), dims=dims,
+                                       model=model, vjp=True)  # fmt: skip
         self.names = list(self.fwd.params)
         self.rng = np.random.default_rng(seed)
         self.params_ = torch.nn.ParameterList(
@@ -98,6 +106,13 @@ class Module(torch.nn.Module):
         # for the backward pass; eval(): none (dropout off, zoneout at its expectation)
         masks = self.fwd.draw_masks({self.input: x.detach().numpy()}, self.rng) \
             if self.training and self.fwd.masks else {}  # fmt: skip
+        tensors = (x, *init.values(), *self.params_)
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            with torch.no_grad():  # no gradient will be asked for: no tape
+                L = None if lengths is None else {self.input: np.asarray(lengths)}
+                inputs = self.inputs(x, list(init), list(init.values()), masks)
+                out = self.fwd.forward(self.arrays(self.params_), inputs, lengths=L)[self.output]
+                return torch.from_numpy(np.array(out))
         return Function.apply(self, x, (lengths, masks), list(init), *init.values(), *self.params_)
 
 
@@ -112,10 +127,15 @@ class Function(torch.autograd.Function):
         arrays = owner.arrays(params)
         inputs = owner.inputs(x, init_names, inits, masks)
         L = None if lengths is None else {owner.input: np.asarray(lengths)}
-        out = owner.fwd.forward(arrays, inputs, lengths=L)[owner.output]
+        if owner.recompute:
+            ctx.tape = None
+            out = owner.fwd.forward(arrays, inputs, lengths=L)[owner.output]
+        else:  # the forward pass, its tape kept in the paused generator for the backward pass
+            ctx.tape = owner.bwd.vjp(arrays, inputs, lengths=L)
+            out = next(ctx.tape)[owner.output]
         ctx.owner, ctx.L, ctx.init_names, ctx.masks = owner, L, init_names, masks
-        ctx.save_for_backward(x, *tensors)
-        return torch.from_numpy(np.ascontiguousarray(out))
+        ctx.save_for_backward(x, *tensors)  # torch checks that none changed in place
+        return torch.from_numpy(np.array(out))  # a copy: the tape keeps its own
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
@@ -123,10 +143,17 @@ class Function(torch.autograd.Function):
         x, *tensors = ctx.saved_tensors
         n = len(ctx.init_names)
         inits, params = tensors[:n], tensors[n:]
-        inputs = owner.inputs(x, ctx.init_names, inits, ctx.masks)
-        seed = np.ascontiguousarray(g.detach().numpy(), dtype=x.detach().numpy().dtype)
-        _, grads = owner.bwd.loss_and_grads(owner.arrays(params), inputs, {f"d_{owner.output}": seed},
-                                            lengths=ctx.L, with_inputs=True)  # fmt: skip
+        seed = {f"d_{owner.output}": np.ascontiguousarray(g.detach().numpy(), dtype=x.detach().numpy().dtype)}
+        if ctx.tape is not None:
+            try:
+                ctx.tape.send(seed)
+            except StopIteration as done:
+                _, grads = done.value
+            ctx.tape = None
+        else:  # recompute, or a second backward pass (retain_graph=True): forward once more
+            inputs = owner.inputs(x, ctx.init_names, inits, ctx.masks)
+            _, grads = owner.bwd.loss_and_grads(owner.arrays(params), inputs, seed, lengths=ctx.L,
+                                                with_inputs=True)  # fmt: skip
         B = x.shape[1]  # rnnc's losses are means over the batch
         grad = lambda a: torch.from_numpy(np.ascontiguousarray(a) * B)  # noqa: E731
         dx = grad(grads[owner.input]) if ctx.needs_input_grad[1] else None

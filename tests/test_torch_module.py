@@ -119,3 +119,46 @@ def test_train_mode_draws_masks_and_eval_mode_does_not():
         cell.rng = np.random.default_rng(9)
         return cell(x)
     assert torch.autograd.gradcheck(f, (x, *cell.params_), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_the_backward_pass_does_not_run_the_forward_pass_again(monkeypatch):
+    """With a gradient wanted, forward runs the vjp generator and backward only resumes it;
+    under no_grad the plain forward pass runs. Gradients equal recompute=True's, and an
+    in-place change of the output does not reach the tape (the output is a copy)."""
+    torch.manual_seed(2)
+    cells = [rt.Module(CUSTOM, dtype=torch.float64, recompute=r).eval() for r in (False, True)]
+    with torch.no_grad():
+        for a, b in zip(*(c.params_ for c in cells), strict=True):
+            b.copy_(a)
+    x = torch.randn(6, 3, 3, dtype=torch.float64)
+    w = torch.randn(6, 3, 4, dtype=torch.float64)
+    grads = []
+    for cell in cells:
+        if not cell.recompute:
+            def refuse(*a, **k):
+                raise AssertionError("the forward pass ran again")
+
+            monkeypatch.setattr(cell.bwd.module, "loss_and_all_grads", refuse)
+            monkeypatch.setattr(cell.fwd.module, "forward", refuse)
+        y = cell(x, lengths=np.array([6, 2, 4]))
+        y.add_(1.0)  # the gradient of an in-place add is the identity
+        (y * w).sum().backward()
+        grads.append([p.grad.clone() for p in cell.params_])
+        monkeypatch.undo()
+    for a, b in zip(*grads, strict=True):
+        assert float((a - b).abs().max()) <= 1e-14 * float(b.abs().max())
+    taped = cells[0]
+    monkeypatch.setattr(taped.bwd.module, "vjp", lambda *a, **k: pytest.fail("a tape under no_grad"))
+    with torch.no_grad():
+        assert taped(x).shape == (6, 3, 4)
+
+
+def test_a_second_backward_pass_with_retain_graph():
+    torch.manual_seed(3)
+    cell = rt.Module(LSTM_SPEC, dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    y = cell(x)
+    y.sum().backward(retain_graph=True)
+    once = x.grad.clone()
+    y.sum().backward()  # the tape is spent: this one runs the forward pass again
+    assert float((x.grad - 2 * once).abs().max()) < 1e-14
