@@ -58,62 +58,110 @@ class Module(torch.nn.Module):
 
     def __init__(self, spec: str, output: str = "h", dims: dict[str, int] | None = None,
                  model: str | None = None, seed: int = 0, dtype: Any = torch.float32,
-                 recompute: bool = False):  # fmt: skip
+                 recompute: bool = False, target: str | None = None):  # fmt: skip
         super().__init__()
-        self.recompute = recompute
-        text, file = read_spec(spec)
-        self.fwd: Model = compile_spec(text, dims=dims, model=model)
-        g = self.fwd.graph
+        if target not in (None, "numpy", "cupy"):
+            raise RnncError(f"unknown target '{target}' (numpy, cupy, or None: by the device)",
+                            code="E574")  # fmt: skip
+        self.recompute, self.target = recompute, target
+        self.text, self.file = read_spec(spec)
+        self.dims, self.model = dims, model
+        fwd = compile_spec(self.text, dims=dims, model=model)
+        g = fwd.graph
         if output not in g.graph["outputs"]:
             raise RnncError(f"the model has no output '{output}' (its outputs: "
                             f"{', '.join(g.graph['outputs'])})", code="E574")  # fmt: skip
-        seq = [k for k, (_, dom, _) in self.fwd.inputs.items() if dom != "static"]
-        if len(seq) != 1 or len(self.fwd.inputs) != 1:
+        seq = [k for k, (_, dom, _) in fwd.inputs.items() if dom != "static"]
+        if len(seq) != 1 or len(fwd.inputs) != 1:
             raise RnncError("rnnc.torch.Module takes models with one input sequence; this one has "
-                            f"{', '.join(self.fwd.inputs) or 'none'}", code="E574")  # fmt: skip
+                            f"{', '.join(fwd.inputs) or 'none'}", code="E574")  # fmt: skip
         self.input, self.output = seq[0], output
-        node = g.graph["outputs"][output]
-        shape = tuple(g.nodes[node]["shape"])
-        self.bwd: Model = compile_spec(vjp_spec(text, file, output, shape, model), dims=dims,
-                                       model=model, vjp=True)  # fmt: skip
-        self.names = list(self.fwd.params)
+        self.compiled: dict[str, tuple[Model, Model]] = {"numpy": (fwd, self.vjp_model(fwd, "numpy"))}
+        self.fwd, self.bwd = self.compiled["numpy"]
+        self.names = list(fwd.params)
         self.rng = np.random.default_rng(seed)
         self.params_ = torch.nn.ParameterList(
-            torch.nn.Parameter(torch.from_numpy(v).to(dtype)) for v in self.fwd.init_params(seed, np.float64).values()
+            torch.nn.Parameter(torch.from_numpy(v).to(dtype)) for v in fwd.init_params(seed, np.float64).values()
         )  # fmt: skip
+
+    def models(self, target: str) -> tuple[Model, Model]:
+        """The model of the forward pass and the one whose gradient is the VJP, for `target`
+        (compiled on first use: the CuPy target needs CuPy and a GPU)."""
+        if target not in self.compiled:
+            fwd = compile_spec(self.text, target=target, dims=self.dims, model=self.model)
+            self.compiled[target] = (fwd, self.vjp_model(fwd, target))
+        return self.compiled[target]
+
+    def vjp_model(self, fwd: Model, target: str) -> Model:
+        """The model with the loss dot(output, d_output), its vjp generator compiled too."""
+        node = fwd.graph.graph["outputs"][self.output]
+        shape = tuple(fwd.graph.nodes[node]["shape"])
+        text = vjp_spec(self.text, self.file, self.output, shape, self.model)
+        return compile_spec(text, target=target, dims=self.dims, model=self.model, vjp=True)
 
     def named_rnnc_parameters(self) -> dict[str, torch.nn.Parameter]:
         """rnnc's parameter names (h.weight_ih, ...) -> the tensors."""
         return dict(zip(self.names, self.params_, strict=True))
 
-    def arrays(self, params) -> dict[str, np.ndarray]:
-        """NumPy views of the parameter tensors (CPU; no copies)."""
-        return {n: p.detach().numpy() for n, p in zip(self.names, params, strict=True)}
-
-    def inputs(self, x, init_names: list, inits, masks: dict) -> dict[str, np.ndarray]:
-        """rnnc's inputs: the sequence, the initial states, the masks (NumPy views)."""
-        return {self.input: x.detach().numpy(), **masks,
-                **{k: v.detach().numpy() for k, v in zip(init_names, inits, strict=True)}}  # fmt: skip
+    def target_for(self, x) -> str:
+        """The target given, or the one for the tensors' device: CuPy for a CUDA tensor."""
+        want = self.target or ("cupy" if x.device.type == "cuda" else "numpy")
+        if want == "numpy" and x.device.type != "cpu":
+            raise RnncError(f"the NumPy target runs on the CPU; these tensors are on {x.device} "
+                            "(target='cupy' runs on CUDA devices)", code="E574")  # fmt: skip
+        return want
 
     def forward(self, x, lengths=None, init: dict | None = None):
         """x: [T, B, features]; lengths: [B] ints or None; init: {"<state>.init": [B, ...]}."""
         init = dict(init or {})
-        if x.device.type != "cpu":
-            raise RnncError("rnnc.torch.Module runs on the CPU (the CuPy target is not wired to torch)",
-                            code="E574")  # fmt: skip
+        target = self.target_for(x)
         x = x.to(self.params_[0].dtype) if len(self.params_) else x
-        # train(): dropout and zoneout masks drawn from the module's generator, the same ones
-        # for the backward pass; eval(): none (dropout off, zoneout at its expectation)
-        masks = self.fwd.draw_masks({self.input: x.detach().numpy()}, self.rng) \
-            if self.training and self.fwd.masks else {}  # fmt: skip
+        # train(): dropout and zoneout masks drawn from the module's generator (on the host,
+        # the same for either target), the same ones for the backward pass; eval(): none
+        shape_only = {self.input: np.broadcast_to(np.zeros((), np.float64), tuple(x.shape))}
+        masks = self.fwd.draw_masks(shape_only, self.rng) if self.training and self.fwd.masks else {}
         tensors = (x, *init.values(), *self.params_)
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             with torch.no_grad():  # no gradient will be asked for: no tape
-                L = None if lengths is None else {self.input: np.asarray(lengths)}
-                inputs = self.inputs(x, list(init), list(init.values()), masks)
-                out = self.fwd.forward(self.arrays(self.params_), inputs, lengths=L)[self.output]
-                return torch.from_numpy(np.array(out))
-        return Function.apply(self, x, (lengths, masks), list(init), *init.values(), *self.params_)
+                fwd = self.models(target)[0]
+                out = fwd.forward(arrays(self.names, self.params_, target), inputs(self, x, list(init),
+                                  list(init.values()), masks, target), lengths=steps(self, lengths))[self.output]  # fmt: skip
+                return tensor(out, target, copy=True)
+        return Function.apply(self, x, (lengths, masks, target), list(init), *init.values(), *self.params_)
+
+
+def to_array(t, target: str):
+    """The array rnnc reads for a tensor, sharing its memory: a NumPy view on the CPU, a CuPy
+    array through DLPack on the GPU."""
+    t = t.detach()
+    if target == "numpy":
+        return t.numpy()
+    import cupy
+
+    return cupy.from_dlpack(t.contiguous())
+
+
+def tensor(a, target: str, copy: bool = False):
+    """A torch tensor of rnnc's array (copied first where the array is the tape's own)."""
+    if target == "numpy":
+        return torch.from_numpy(np.array(a) if copy else np.ascontiguousarray(a))
+    import cupy
+
+    return torch.from_dlpack(a.copy() if copy else cupy.ascontiguousarray(a))
+
+
+def arrays(names: list[str], params, target: str) -> dict:
+    return {n: to_array(p, target) for n, p in zip(names, params, strict=True)}
+
+
+def inputs(owner: Module, x, init_names: list, inits, masks: dict, target: str) -> dict:
+    """rnnc's inputs: the sequence, the initial states, the masks (views of the tensors)."""
+    return {owner.input: to_array(x, target), **masks,
+            **{k: to_array(v, target) for k, v in zip(init_names, inits, strict=True)}}  # fmt: skip
+
+
+def steps(owner: Module, lengths) -> dict | None:
+    return None if lengths is None else {owner.input: np.asarray(lengths)}
 
 
 class Function(torch.autograd.Function):
@@ -122,28 +170,29 @@ class Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, owner: Module, x, lengths_masks, init_names: list, *tensors):  # type: ignore[override]
-        lengths, masks = lengths_masks
+        lengths, masks, target = lengths_masks
+        fwd, bwd = owner.models(target)
         inits, params = tensors[: len(init_names)], tensors[len(init_names) :]
-        arrays = owner.arrays(params)
-        inputs = owner.inputs(x, init_names, inits, masks)
-        L = None if lengths is None else {owner.input: np.asarray(lengths)}
+        given = arrays(owner.names, params, target)
+        data = inputs(owner, x, init_names, inits, masks, target)
+        L = steps(owner, lengths)
         if owner.recompute:
             ctx.tape = None
-            out = owner.fwd.forward(arrays, inputs, lengths=L)[owner.output]
+            out = fwd.forward(given, data, lengths=L)[owner.output]
         else:  # the forward pass, its tape kept in the paused generator for the backward pass
-            ctx.tape = owner.bwd.vjp(arrays, inputs, lengths=L)
+            ctx.tape = bwd.vjp(given, data, lengths=L)
             out = next(ctx.tape)[owner.output]
-        ctx.owner, ctx.L, ctx.init_names, ctx.masks = owner, L, init_names, masks
+        ctx.owner, ctx.L, ctx.init_names, ctx.masks, ctx.target = owner, L, init_names, masks, target
         ctx.save_for_backward(x, *tensors)  # torch checks that none changed in place
-        return torch.from_numpy(np.array(out))  # a copy: the tape keeps its own
+        return tensor(out, target, copy=True)  # a copy: the tape keeps its own
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        owner = ctx.owner
+        owner, target = ctx.owner, ctx.target
         x, *tensors = ctx.saved_tensors
         n = len(ctx.init_names)
         inits, params = tensors[:n], tensors[n:]
-        seed = {f"d_{owner.output}": np.ascontiguousarray(g.detach().numpy(), dtype=x.detach().numpy().dtype)}
+        seed = {f"d_{owner.output}": to_array(g.to(x.dtype), target)}
         if ctx.tape is not None:
             try:
                 ctx.tape.send(seed)
@@ -151,11 +200,11 @@ class Function(torch.autograd.Function):
                 _, grads = done.value
             ctx.tape = None
         else:  # recompute, or a second backward pass (retain_graph=True): forward once more
-            inputs = owner.inputs(x, ctx.init_names, inits, ctx.masks)
-            _, grads = owner.bwd.loss_and_grads(owner.arrays(params), inputs, seed, lengths=ctx.L,
-                                                with_inputs=True)  # fmt: skip
+            data = inputs(owner, x, ctx.init_names, inits, ctx.masks, target)
+            _, grads = owner.models(target)[1].loss_and_grads(
+                arrays(owner.names, params, target), data, seed, lengths=ctx.L, with_inputs=True)  # fmt: skip
         B = x.shape[1]  # rnnc's losses are means over the batch
-        grad = lambda a: torch.from_numpy(np.ascontiguousarray(a) * B)  # noqa: E731
+        grad = lambda a: tensor(a * B, target)  # noqa: E731
         dx = grad(grads[owner.input]) if ctx.needs_input_grad[1] else None
         return (None, dx, None, None, *(grad(grads[k]) for k in ctx.init_names),
                 *(grad(grads[name]) for name in owner.names))

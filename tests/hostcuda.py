@@ -140,6 +140,12 @@ class DeviceArray(NDArrayOperatorsMixin):
     def __iter__(self):
         return (wrap(row) for row in self.a)
 
+    def __dlpack__(self, *args, **kw):  # DLPack, as CuPy's arrays have it (here: host memory)
+        return self.a.__dlpack__(*args, **kw)
+
+    def __dlpack_device__(self):
+        return self.a.__dlpack_device__()
+
     def __float__(self) -> float:
         return float(self.a)
 

@@ -381,6 +381,50 @@ ADDING = [os.path.join(ROOT, "specs", "adding_lstm.rnn"), "--task", "adding", "-
 
 
 @needs_gxx
+@pytest.mark.parametrize("recompute", [False, True])
+def test_torch_module_on_the_cupy_target_equals_numpy(stand_in_cupy, recompute):
+    """rnnc.torch.Module(target="cupy"): parameters, inputs and gradients cross by DLPack
+    (no copies), the forward and backward passes are the CuPy target's (here its stand-in,
+    kernels as host C++); equal to the NumPy target in train and eval mode, with lengths and
+    initial states. On a GPU a CUDA tensor picks this target by itself."""
+    torch = pytest.importorskip("torch")
+    import rnnc.torch as rt
+
+    spec = """cell LN(x[I]) -> h[H] {
+  param W[H, I], U[H, H], g[H] = 1
+  a = layernorm(W @ x + U @ dropout(h[t-1], 0.3, per=sequence))
+  h = zoneout(tanh(g * a + sum(x) / H), 0.2)
+}
+
+model m {
+  dim I = 3, H = 4
+  input x[I] : sequence
+  h = LN(x, H=H)
+}
+"""
+    mods = [rt.Module(spec, dtype=torch.float64, recompute=recompute, target=t, seed=5)
+            for t in ("numpy", "cupy")]  # fmt: skip
+    x = torch.randn(6, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    h0 = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(6, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for train in (True, False):
+        got = []
+        for m in mods:
+            m.train(train)
+            xs, h0s = x.clone().requires_grad_(), h0.clone().requires_grad_()
+            y = m(xs, lengths=np.array([6, 2, 5]), init={"h.h.init": h0s})
+            (y * w).sum().backward()
+            got.append([y.detach(), xs.grad, h0s.grad, *(p.grad.clone() for p in m.params_)])
+            m.zero_grad()
+        for a, b in zip(*got, strict=True):
+            assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max()), train
+    assert any(k.launches for k in stand_in_cupy.counts.values())
+    assert set(mods[1].compiled) == {"numpy", "cupy"}
+    with pytest.raises(RnncError, match="unknown target"):
+        rt.Module(spec, target="jax")
+
+
+@needs_gxx
 def test_training_on_the_cupy_target_follows_numpy(tmp_path, stand_in_cupy):
     host = train(tmp_path, "numpy", *ADDING)
     dev = train(tmp_path, "cupy", *ADDING)
@@ -577,3 +621,31 @@ def test_on_the_gpu_training_follows_numpy(tmp_path):
     for k in host:
         if k != "meta":
             assert rel(dev[k], host[k]) < 1e-9, k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not real_gpu(), reason="no GPU")
+def test_on_the_gpu_torch_module_takes_cuda_tensors():
+    """A CUDA tensor picks the CuPy target; tensors cross by DLPack; equal to the CPU run."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch was built without CUDA")
+    import rnnc.torch as rt
+
+    spec = os.path.join(ROOT, "specs", "ln_lstm.rnn")
+    cpu = rt.Module(spec, dims=small_dims(spec), dtype=torch.float64).eval()
+    gpu = rt.Module(spec, dims=small_dims(spec), dtype=torch.float64).eval().cuda()
+    with torch.no_grad():
+        for a, b in zip(cpu.params_, gpu.params_, strict=True):
+            b.copy_(a)
+    x = torch.randn(7, 3, cpu.fwd.inputs["x"][0][0], dtype=torch.float64)
+    got = []
+    for m, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        xs = x.to(dev).requires_grad_()
+        y = m(xs, lengths=np.array([7, 3, 5]))
+        assert y.device.type == dev
+        y.square().sum().backward()
+        got.append([y.detach().cpu(), xs.grad.cpu(), *(p.grad.cpu() for p in m.params_)])
+    assert set(gpu.compiled) == {"numpy", "cupy"}
+    for a, b in zip(*got, strict=True):
+        assert float((a - b).abs().max()) <= 1e-10 * float(b.abs().max())
