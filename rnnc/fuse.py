@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from math import gcd
 
-from .graph import Graph, init_of, operands
+from .graph import Graph, init_of, operands, source_line
 from .ops import GLOBAL, OPS
 from .schedule import Loop, Plan
 
@@ -263,7 +263,6 @@ def make(
     if any(w // W > MAX_UNROLL for w in widths) or (reduced and W > MAX_BLOCK):
         return  # too many columns per thread: leave these to array code
     k.width, k.rows = W, bool(reduced)
-    source = g.graph.get("source", "").splitlines()
     quoted: set[int] = set()
     loops = plan.loop_of()
     inputs: dict[tuple, Arg] = {}
@@ -376,17 +375,18 @@ def make(
         if op.arity is None:
             fields["args"] = op.sep.join(args)
         text = op.cuda.format(*args, **fields)
-        var = f"{label(n)}{'_next' if nxt else ''}_{off if off is not None else 's'}"
+        var = f"{'ahead_' if nxt else ''}{label(n)}_{off if off is not None else 's'}"
         memo[key] = var
         quote(n)
         lines.append(f"    const real {var} = {text};")
         return var
 
     def quote(n: int) -> None:
-        line = g.nodes[n]["span"].line
-        if line and line <= len(source) and line not in quoted:
-            quoted.add(line)
-            lines.append(f"    // {source[line - 1].split('#')[0].strip()}")
+        span = g.nodes[n]["span"]
+        text = source_line(g, span)
+        if text and (span.file, span.line) not in quoted:
+            quoted.add((span.file, span.line))
+            lines.append(f"    // {text}")
 
     def row_value(n: int, nxt: bool) -> list[str] | str:
         """n's texts at this thread's columns (one text for a scalar): a reduction over the
@@ -398,7 +398,7 @@ def make(
             texts = [[value(u, dk, o, nxt) for o in range(0, width(u), W)] if width(u)
                      else value(u, dk, None, nxt) for u, dk in ins]  # fmt: skip
             quote(n)
-            r = RowKernel(f"{label(n)}{'_next' if nxt else ''}", width(ins[0][0]), lines)
+            r = RowKernel(f"{'ahead_' if nxt else ''}{label(n)}", width(ins[0][0]), lines)
             out = OPS[d["op"]].cuda_row(r, *texts, **d["attrs"])
             memo[key] = r.let(out) if isinstance(out, str) else [r.let(t) for t in out]
         return memo[key]

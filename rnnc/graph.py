@@ -19,12 +19,14 @@ Graph attributes (g.graph): model, file, source, params, inputs, targets, output
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import networkx as nx
 
 from .errors import NOWHERE, RnncError, Span
 from .ops import GLOBAL, OPS, STATIC, ShapeError, fmt_shape
+from .parse import read_source
 
 Graph = nx.MultiDiGraph
 
@@ -239,3 +241,23 @@ def forward_outputs(g: Graph) -> dict[str, int]:
     """Named outputs that need no targets."""
     targets = set(g.graph["targets"].values())
     return {k: n for k, n in g.graph["outputs"].items() if not (nx.ancestors(g, n) | {n}) & targets}
+
+
+def source_line(g: Graph, span: Span) -> str | None:
+    """The text of the line a node came from, its comment dropped: from the spec, or from the
+    file of the cell it is in (the library's, or a user's `use ... from` file)."""
+    if not span.line:
+        return None
+    if span.file == g.graph.get("file"):
+        lines = tuple(g.graph.get("source", "").splitlines())
+    else:
+        lines = file_lines(span.file)
+    return lines[span.line - 1].split("#")[0].strip() if span.line <= len(lines) else None
+
+
+@functools.cache
+def file_lines(path: str) -> tuple[str, ...]:
+    try:
+        return tuple(read_source(path).splitlines())
+    except (OSError, UnicodeDecodeError):  # gone since it was compiled: no quote, no error
+        return ()

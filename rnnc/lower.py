@@ -20,7 +20,7 @@ import networkx as nx
 from . import kernels
 from .errors import RnncError
 from .fuse import Accumulate, Arg, Kernel, loop_kernels, needs_mask
-from .graph import Graph, forward_outputs, init_of, is_seq, operands, order
+from .graph import Graph, forward_outputs, init_of, is_seq, operands, order, source_line
 from .interpret import context
 from .ops import CUDA_PRELUDE, OPS, operand_text, render, slot_prec_of, slot_uses
 from .schedule import Loop, Once, Plan
@@ -44,20 +44,64 @@ class Namer:
         return self.names[n]
 
     def base(self, n: int) -> str:
-        d = self.g.nodes[n]
+        """A name from the spec's roles: the value's own name; d<name> for its adjoint;
+        d<name>_next (_prev) for what a state's adjoint gets from the next (previous) step,
+        d<name>_from_<equation> for what it gets through another equation; the names of
+        the parts a merged value holds (h_Wfigo, h_if); <equation>_<op> for the rest."""
+        g, d = self.g, self.g.nodes[n]
         if d["name"]:
             return ident(d["name"])
         adj = d.get("adjoint_of")
         if adj is not None and d.get("adjoint"):
             return "d" + self.base(adj)  # the adjoint itself: d<name>
-        if adj is not None and d["op"] != "matmul":
-            return f"{self.base(adj)}_{d['op']}"  # a piece of a VJP, e.g. 1 - s*s is s_sub
+        if adj is not None:
+            into = self.adjoint_term(n, adj)
+            if into:
+                return into
+            if d["op"] != "matmul":
+                return f"{self.base(adj)}_{d['op']}"  # a piece of a VJP, e.g. 1 - s*s is s_sub
         op = d["op"]
         if op == "matmul":
-            w, x = (self.base(u) for u, _ in operands(self.g, n))
-            if len(w) + len(x) <= 12:
-                return w + x
-        return op
+            w, x = (self.base(u) for u, _ in operands(g, n))
+            if len(w) + len(x) <= 12:  # Uh for U @ h; h_Urzn_h_h for h.Urzn @ h.h
+                return w + ("_" if "_" in w + x else "") + x
+        parts = [v for _, v in g.out_edges(n) if g.nodes[v]["op"] == "slice" and g.nodes[v]["name"]]
+        if op == "concat":
+            parts = [u for u, _ in operands(g, n) if g.nodes[u]["name"]]
+            parts = parts if len(parts) == len(operands(g, n)) else []
+        if len(parts) > 1:
+            return joined([ident(g.nodes[u]["name"]) for u in parts])
+        eq = self.equation_of(n)
+        return f"{ident(eq)}_{op}" if eq else op
+
+    def equation_of(self, n: int) -> str | None:
+        """The name the equation that made n defines (n's scope, file and line)."""
+        if not hasattr(self, "equations"):
+            self.equations: dict[tuple, str] = {}
+            for m, d in sorted(self.g.nodes(data=True)):
+                if d["name"] and "adjoint_of" not in d and d["span"].line:
+                    self.equations.setdefault(self.where(m), d["name"])
+        d = self.g.nodes[n]
+        return self.equations.get(self.where(n)) if d["span"].line else None
+
+    def where(self, n: int) -> tuple:
+        d = self.g.nodes[n]
+        return d.get("scope"), d["span"].file, d["span"].line
+
+    def adjoint_term(self, n: int, adj: int) -> str | None:
+        """d<state>_next / _prev / _from_<equation>: a term of a named adjoint's sum."""
+        g = self.g
+        for _, v, e in g.out_edges(n, data=True):
+            dv = g.nodes[v]
+            if not (dv["name"] and dv.get("adjoint") and dv["op"] == "sum"):
+                continue
+            target = ident(dv["name"])
+            if e["delay"]:
+                return f"{target}_{'next' if e['delay'] < 0 else 'prev'}"
+            eq = g.nodes[adj]["name"] or self.equation_of(adj)
+            if eq:
+                return f"{target}_from_{ident(eq.rsplit('.', 1)[-1])}"
+        return None
 
     def fresh(self, base: str) -> str:
         base = base[:MAX_NAME]
@@ -68,6 +112,16 @@ class Namer:
             base = f"{base}{k}"
         self.taken.add(base)
         return base
+
+
+def joined(names: list[str]) -> str:
+    """One name for the parts of a merged value: h_Wf, h_Wi -> h_Wfi; h_i, h_f -> h_if."""
+    k = next((i for i, cs in enumerate(zip(*names, strict=False)) if len(set(cs)) > 1),
+             min(map(len, names)))  # the common prefix's length  # fmt: skip
+    tails = [x[k:] for x in names]
+    if not all(tails):
+        return names[0]
+    return names[0][:k] + ("".join(tails) if all(len(t) == 1 for t in tails) else "_".join(tails))
 
 
 def ident(name: str) -> str:
@@ -98,7 +152,6 @@ class Emitter:
                          if a.out and a.ahead and a.node not in plan.stored}  # fmt: skip
         self.inline = self.inlined()
         self.lines: list[str] = []
-        self.src = self.g.graph.get("source", "").splitlines()
 
     # ----- which nodes fold into their single consumer -----
     def inlined(self) -> set[int]:
@@ -211,13 +264,11 @@ class Emitter:
     def comment(self, n: int, indent: str, seen: set) -> None:
         d = self.g.nodes[n]
         sp = d["span"]
-        if not sp.line or sp.line > len(self.src):
-            return
-        key = (sp.line, "adjoint_of" in d)
-        if key in seen:
+        text = source_line(self.g, sp)
+        key = (sp.file, sp.line, "adjoint_of" in d)
+        if not text or key in seen:
             return
         seen.add(key)
-        text = self.src[sp.line - 1].split("#")[0].strip()
         what = "adjoint of: " if "adjoint_of" in d else ""
         where = f"{sp.file.rsplit('/', 1)[-1]}:{sp.line}"
         self.lines.append(f"{indent}# {what}{text}  ({where})")

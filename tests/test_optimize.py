@@ -117,7 +117,7 @@ def test_backward_loop_carries_one_running_adjoint_like_hand_written_bptt():
 
     later = {name for line in back for name in re.findall(r"(\w+)\[t \+ 1\]", line)}
     assert len(later) == 1, back  # dh from z * h[t-1] and from U @ h[t-1]: one array, one read
-    assert "edge_sum(" in m.source and m.source.count("edge_sum(h_h_sum") >= 1
+    assert "edge_sum(" in m.source and m.source.count("edge_sum(dh_h_next") >= 1
 
 
 def test_common_factor_is_pulled_out():

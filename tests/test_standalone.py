@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -55,3 +56,26 @@ def test_generated_code_reads_like_the_spec(tmp_path):
     assert "for t in range(T_x):" in src and "for t in range(T_x - 1, -1, -1):" in src
     assert "dW = outer(" in src  # the weight gradient: one GEMM after the loop
     compile(src, str(path), "exec")
+
+
+def test_generated_names_come_from_the_specs_roles(tmp_path):
+    """Values are named after what they are in the spec, not after the ops that make them:
+    the LSTM's merged input and forget gates, the tanh of its cell, what a state's adjoint
+    gets from the next step and from the loss; a library cell's equations are quoted from
+    the library, even where the user's spec is longer than the library's line numbers."""
+    text = "".join(f"# line {i}\n" for i in range(40)) + (
+        "use LSTM\n\nmodel m {\n  dim I = 3, H = 5\n  input x[I] : sequence\n"
+        "  target y[H] : sequence\n  h = LSTM(x, H=H)\n  loss = mse(h, y)\n}\n"
+    )
+    spec = tmp_path / "long.rnn"
+    spec.write_text(text)
+    path = tmp_path / "long.py"
+    assert main(["compile", str(spec), "-o", str(path)]) == 0
+    src = path.read_text()
+    for name in ("h_if_t = sigmoid(", "h_h_tanh_t = np.tanh(h_c_t)", "dh_h_from_loss = ",
+                 "dh_c_next[t] = ", "dh_h_next_t = dh_z_t @ h_weight_hh"):  # fmt: skip
+        assert name in src, name
+    for op_name in ("mul_mul", "matmul_matmul_t", "sigmoid2", "tanh_t", "tanh"):
+        assert not re.search(rf"\b{op_name}\b(?!\()", src.split("def init_params")[1]), op_name
+    assert "# z = weight_ih @ x + bias_ih + weight_hh @ h[t-1] + bias_hh  (cells.rnn:" in src
+    assert "# line 2" not in src.split('"""', 2)[2]  # no line of the user's quoted for the library's
