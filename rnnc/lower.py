@@ -19,11 +19,13 @@ import networkx as nx
 
 from . import kernels
 from .errors import RnncError
-from .fuse import Accumulate, Arg, Kernel, loop_kernels, needs_mask
+from .fuse import Kernel, needs_mask
 from .graph import Graph, forward_outputs, init_of, is_seq, operands, order, source_line
 from .interpret import context
-from .ops import CUDA_PRELUDE, OPS, operand_text, render, slot_prec_of, slot_uses
+from .ops import OPS, operand_text, render, slot_prec_of, slot_uses
 from .schedule import Loop, Once, Plan
+from .target_cupy import CupyTarget
+from .target_numpy import NumpyTarget, at
 
 MAX_NAME = 24
 MAX_INLINE = 40  # operators folded into one statement
@@ -129,19 +131,16 @@ def ident(name: str) -> str:
     return s if s[:1].isalpha() or s[:1] == "_" else "v" + s
 
 
-def at(t: str, k: int) -> str:
-    return t if k == 0 else f"{t} + {k}" if k > 0 else f"{t} - {-k}"
-
-
 class Emitter:
-    def __init__(self, plan: Plan, namer: Namer, dims: dict[str, int], target: str = "numpy",
-                 fname: str = "f"):  # fmt: skip
+    def __init__(self, plan: Plan, namer: Namer, dims: dict[str, int],
+                 target: NumpyTarget | None = None, fname: str = "f"):  # fmt: skip
         self.plan, self.g, self.name = plan, plan.graph, namer
+        self.target = target or NumpyTarget()
         self.loops = plan.loop_of()
         self.loop_ids = {id(s): i for i, s in enumerate(plan.steps)}
-        self.xp = "cp" if target == "cupy" else "np"
-        # the CuPy target: each loop body's pointwise part as generated kernels
-        self.fused = loop_kernels(plan, fname, namer) if target == "cupy" else {}
+        self.xp = self.target.xp
+        # each loop body as array code and the target's own items (CuPy: generated kernels)
+        self.fused = self.target.fuse(plan, fname, namer)
         self.kernels: list[Kernel] = [
             j for items in self.fused.values() for k in items if isinstance(k, Kernel)
             for j in (k, k.ahead) if j is not None
@@ -371,21 +370,23 @@ class Emitter:
             if fut:
                 out.append(f"    {name}[{past} + {T}:] = {self.fill(n)}")
         items = self.fused.get(self.loop_ids[id(loop)], [loop.nodes])
-        for k in (j for i in items if isinstance(i, Kernel) for j in (i.ahead, i) if j):
-            self.kernel_buffers(k, T)
+        self.target.before_loop(self, items, T)
         rng = f"range({T})" if loop.direction > 0 else f"range({T} - 1, -1, -1)"
         out.append(f"    for t in {rng}:")
-        for k in (k for k in items if isinstance(k, Kernel) and k.ahead):
-            self.first_step(k, loop, T, seen)
+        self.target.loop_start(self, items, loop, T, seen)
         for item in items:
-            if isinstance(item, Kernel):
-                self.launch(item, loop, seen)
-                continue
-            if isinstance(item, Accumulate):
-                self.accumulate(item, loop, seen)
+            if not isinstance(item, list):
+                self.target.item(self, item, loop, seen)
                 continue
             for n in item:
                 self.statement(n, loop, seen)
+
+    def mask_name(self, u: int, k: int) -> str:
+        """The [T, B] mask of reads of u at t-k that fall inside the sequence (made once)."""
+        ctx = context(self.g, u)
+        V = f"V_{ctx['M'][2:]}_{k if k > 0 else 'm' + str(-k)}"
+        self.masks.add((ctx["M"], V, k))
+        return V
 
     def statement(self, n: int, loop: Loop, seen: set) -> None:
         """One node of a loop body as array code."""
@@ -412,122 +413,6 @@ class Emitter:
         out.append(f"        {name}_t = {self.expr(n, loop)}")
         if n in self.plan.stored:
             out.append(f"        {name}[{at('t', past)}] = {name}_t")
-
-    # ----- the CuPy target: kernels -----
-    def kernel_buffers(self, k: Kernel, T: str) -> None:
-        """A per-step buffer for each kernel result that is not kept for every step; and the
-        length masks the kernel reads, all true when no lengths are given."""
-        for a in k.args:
-            if a.out and a.node not in self.plan.stored:
-                shape = tuple(self.g.nodes[a.node]["shape"])
-                if a.node in self.two_rows:
-                    line = f"    {self.name(a.node)}_rows = cp.empty((2, B) + {shape!r}, dt)"
-                else:
-                    line = f"    {self.name(a.node)}_t = cp.empty((B,) + {shape!r}, dt)"
-                if line not in self.lines:
-                    self.lines.append(line)
-            if a.mask:
-                V = self.mask_name(a.node, a.delay)
-                line = f"    {V}_all = cp.ones(({T}, B), bool) if {V} is None else {V}"
-                if line not in self.lines:
-                    self.lines.append(line)
-
-    def mask_name(self, u: int, k: int) -> str:
-        """The [T, B] mask of reads of u at t-k that fall inside the sequence (made once)."""
-        ctx = context(self.g, u)
-        V = f"V_{ctx['M'][2:]}_{k if k > 0 else 'm' + str(-k)}"
-        self.masks.add((ctx["M"], V, k))
-        return V
-
-    def row(self, u: int, k: int, loop: Loop, a: Arg | None = None) -> str:
-        """The array a kernel reads for u at t-k: a row of its buffer, or this step's value.
-        For an argument `ahead`, k counts from the next step, `tn`."""
-        g = self.g
-        d = g.nodes[u]
-        if not is_seq(d["level"]):
-            return self.name(u) if d["op"] != "const" else repr(d["attrs"]["value"])
-        here = self.loops.get(u) == self.loop_ids[id(loop)]
-        t = "tn" if a is not None and a.ahead else "t"
-        if here and u in self.two_rows and a is not None and a.out:
-            return f"{self.name(u)}_rows[{t} % 2]"
-        if here and u not in self.plan.stored and k == (loop.direction if t == "tn" else 0):
-            return f"{self.name(u)}_t"
-        past = self.plan.pads.get(u, (0, 0))[0]
-        return f"{self.name(u)}[{at(t, past - k)}]"
-
-    def launch(self, k: Kernel, loop: Loop, seen: set) -> None:
-        for n in k.nodes:
-            self.comment(n, "        ", seen)
-        if k.ahead:
-            step = "min(t + 1, T - 1)" if loop.direction > 0 else "max(t - 1, 0)"
-            T = context(self.g, loop.nodes[0])["T"]
-            self.lines.append(f"        tn = {step.replace('T', T)}  # the next step")
-        args = []
-        for a in k.args:
-            if a.mask:
-                args.append(f"{self.mask_name(a.node, a.delay)}_all[{'tn' if a.ahead else 't'}]")
-            elif a.kind == "value":
-                args.append(f"dt.type(float({self.row(a.node, a.delay, loop, a)}))")
-            else:
-                args.append(self.row(a.node, a.delay, loop, a))
-        if k.ahead:
-            args.append("np.int32(tn != t)")
-        if k.rows:  # a block of threads per sequence: they reduce over its row together
-            args.append(f"block={k.width}")
-        self.lines.append(f"        launch({k.name!r}, B * {k.width}, dt, {', '.join(args)})")
-        # array code later in the step reads a stored result as this step's row
-        for a in k.args:
-            if (
-                a.out
-                and not a.ahead
-                and a.node in self.plan.stored
-                and self.read_later(a.node, k, loop)
-            ):
-                past = self.plan.pads.get(a.node, (0, 0))[0]
-                name = self.name(a.node)
-                self.lines.append(f"        {name}_t = {name}[{at('t', past)}]")
-
-    def first_step(self, host: Kernel, loop: Loop, T: str, seen: set) -> None:
-        """The kernel whose work each step does for the next one (fuse.rotated) runs on its
-        own for the first step; then this step's results are read from where it wrote them."""
-        k = host.ahead
-        first = "0" if loop.direction > 0 else f"{T} - 1"
-        lines, self.lines = self.lines, []
-        self.launch(k, loop, seen)
-        launch = [ln for ln in self.lines if ln.lstrip().startswith("launch(")]
-        comments = [ln for ln in self.lines if ln.lstrip().startswith("#")]
-        self.lines = lines
-        self.lines += comments
-        self.lines.append(f"        if t == {first}:  # later steps get these from the step before")
-        self.lines += ["    " + ln for ln in launch]
-        for a in k.args:
-            if not a.out:
-                continue
-            name = self.name(a.node)
-            if a.node in self.two_rows:
-                self.lines.append(f"        {name}_t = {name}_rows[t % 2]")
-            elif self.read_later(a.node, k, loop):
-                past = self.plan.pads.get(a.node, (0, 0))[0]
-                self.lines.append(f"        {name}_t = {name}[{at('t', past)}]")
-
-    def accumulate(self, acc: Accumulate, loop: Loop, seen: set) -> None:
-        """into = partial + W·x: the GEMM adds its product into the row the kernel before
-        filled with `partial` (cuBLAS with beta = 1; no kernel for the add)."""
-        g = self.g
-        for n in (acc.gemm, acc.into):
-            self.comment(n, "        ", seen)
-        texts = [self.operand(u, k, loop)[0] for u, k in operands(g, acc.gemm)]
-        out = self.row(acc.into, 0, loop)
-        self.lines.append(
-            "        " + OPS[g.nodes[acc.gemm]["op"]].accumulate.format(*texts, out=out)
-        )
-
-    def read_later(self, n: int, k: Kernel, loop: Loop) -> bool:
-        mine = set(k.nodes)
-        body = set(loop.nodes)
-        return any(v in body and v not in mine and e["delay"] == 0 and not self.in_kernel(v)
-                   for _, v, e in self.g.out_edges(n, data=True))  # fmt: skip
-
 
 # ----- the module -----
 
@@ -561,16 +446,13 @@ def leaf_binding(g: Graph, n: int, name: str) -> str | None:
 class Module:
     """Assembles the functions of one compiled model into one source file."""
 
-    def __init__(self, g: Graph, plans: dict[str, Plan], spec_path: str, target: str = "numpy"):
+    def __init__(self, g: Graph, plans: dict[str, Plan], spec_path: str, target: NumpyTarget):
         self.g, self.plans, self.path, self.target = g, plans, spec_path, target
         self.namer = Namer(g)
         self.kernels: list[Kernel] = []
 
     def function(self, fname: str, plan: Plan) -> list[str]:
-        lines = self.numpy_function(fname, plan)
-        if self.target == "cupy":  # the same array code on the device: CuPy mirrors NumPy
-            lines = [to_cupy(line) for line in lines]
-        return lines
+        return [self.target.rewrite(line) for line in self.numpy_function(fname, plan)]
 
     def numpy_function(self, fname: str, plan: Plan) -> list[str]:
         g = self.g
@@ -592,16 +474,12 @@ class Module:
             "    check_data(inputs, INPUTS"
             + (", targets, TARGETS)" if fname not in ("forward", "vjp") else ")"),
         ]
-        if self.target == "cupy":  # a carry may come from the host (a checkpoint)
-            pro.append(
-                "    carry = None if carry is None else {k: cp.asarray(v, dt) for k, v in carry.items()}"
-            )
+        pro += self.target.prologue()
         leaves = sorted(n for n in used if OPS[g.nodes[n]["op"]].kind == "leaf")
         for n in leaves:
             b = leaf_binding(g, n, self.namer(n)) if n not in late else None
-            if b and self.target == "cupy" and g.nodes[n]["op"] == "param":
-                # parameters may arrive as NumPy arrays (a checkpoint): copy them over once
-                b = b.replace("= params[", "= cp.asarray(params[", 1) + ")"
+            if b and g.nodes[n]["op"] == "param":
+                b = self.target.param(b)
             if b:
                 pro.append("    " + b)
         doms = self.domains(plan, leaves)
@@ -797,45 +675,22 @@ class Module:
         )
         funcs.append(DRAW_MASKS)
         body = "\n\n\n".join(funcs)
-        if self.target == "cupy":
-            init = INIT_PARAMS_CUPY
-            code = "\n".join(meta) + "\n\n\n" + init + "\n\n\n" + body + "\n"
-            helpers = used_helpers(code, cupy=True)
-            imports = "import cupy as cp\nimport numpy as np\n"
-            if "cublas.gemm(" in code:
-                imports += "from cupy import cublas\n"
-            return (f"{header}\n\nimport functools\n\n{imports}\n\n"
-                    f"{helpers}\n\n\n{self.cuda_section()}\n\n\n{code}")  # fmt: skip
-        init = INIT_PARAMS
-        code = "\n".join(meta) + "\n\n\n" + init + "\n\n\n" + body + "\n"
-        helpers = used_helpers(code)
-        return f"{header}\n\nimport numpy as np\n\n\n{helpers}\n\n\n{code}"
+        return self.target.module(header, "\n".join(meta), body, self.helpers, self.kernels)
 
-    def cuda_section(self) -> str:
-        """The kernels' CUDA source, compiled on first use for the parameters' dtype."""
-        parts = [f'PRELUDE = r"""{CUDA_PRELUDE}"""', "", "KERNELS = {"]
-        for k in self.kernels:
-            parts.append(f'    {k.name!r}: r"""\n{k.source}\n""",')
-        parts.append("}")
-        return "\n".join(parts) + "\n\n\n" + CUPY_LAUNCH
-
-
-CUPY_LAUNCH = """@functools.cache
-def kernel(name, real):
-    # one compile per kernel and dtype (CuPy also caches the binary on disk)
-    return cp.RawKernel(f"typedef {real} real;\\n" + PRELUDE + KERNELS[name], name)
-
-
-def launch(name, n, dt, *args, block=128):
-    # n threads: one per (sequence, column), in blocks of `block` (a kernel that reduces over
-    # rows has a block per sequence); arrays are passed as pointers to their first element
-    k = kernel(name, "float" if dt == np.float32 else "double")
-    args = tuple(cp.ascontiguousarray(a) if isinstance(a, cp.ndarray) else a for a in args)
-    k(((n + block - 1) // block,), (block,), args + (np.int32(n),))"""
-
-
-def to_cupy(line: str) -> str:
-    return re.sub(r"\bnp\.", "cp.", line)
+    def helpers(self, code: str) -> str:
+        """The kernels.py functions the code calls (and those they call), in file order,
+        written for the target."""
+        table = helper_sources()
+        called = set(re.findall(r"\b(\w+)\(", code))
+        need: set[str] = set()
+        todo = [n for n in table if n in called]
+        while todo:
+            n = todo.pop()
+            if n not in need:
+                need.add(n)
+                todo += list(table[n][2])
+        order = sorted(need, key=lambda n: table[n][0])
+        return "\n\n".join(self.target.helper(n, table[n][1]) for n in order)
 
 
 DRAW_MASKS = '''def draw_masks(inputs, rng, dtype=np.float64):
@@ -844,18 +699,6 @@ DRAW_MASKS = '''def draw_masks(inputs, rng, dtype=np.float64):
     gradients, or to share one batch's masks between processes."""
     return {name: noise_mask(None, rng, kind, p, noise_lead(inputs, INPUTS, dom) + shape, dtype, name)
             for name, (shape, dom, kind, p) in MASKS.items()}'''
-
-
-INIT_PARAMS = '''def init_params(seed=0, dtype=np.float32):
-    """Fresh parameters, reproducible from `seed`."""
-    rng = np.random.default_rng(seed)
-    return {k: initialize(rng, s, kind, a).astype(dtype) for k, (s, kind, a) in PARAMS.items()}'''
-
-INIT_PARAMS_CUPY = '''def init_params(seed=0, dtype=np.float32):
-    """Fresh parameters on the device, reproducible from `seed` (the NumPy target's values)."""
-    rng = np.random.default_rng(seed)
-    return {k: cp.asarray(initialize(rng, s, kind, a).astype(dtype))
-            for k, (s, kind, a) in PARAMS.items()}'''
 
 
 def init_spec(init: Any) -> tuple[str | None, tuple]:
@@ -879,31 +722,11 @@ def helper_sources() -> dict[str, tuple[int, str, set[str]]]:
     return out
 
 
-HOST_HELPERS = ("initialize", "check_data")  # run on the host in the CuPy target too (NumPy's
-# generator; shapes only)
-
-
-def used_helpers(code: str, cupy: bool = False) -> str:
-    """The kernels.py functions the code calls (and those they call), in file order; for
-    the CuPy target, written over CuPy arrays."""
-    table = helper_sources()
-    called = set(re.findall(r"\b(\w+)\(", code))
-    need: set[str] = set()
-    todo = [n for n in table if n in called]
-    while todo:
-        n = todo.pop()
-        if n not in need:
-            need.add(n)
-            todo += list(table[n][2])
-    texts = [
-        to_cupy(table[n][1]) if cupy and n not in HOST_HELPERS else table[n][1]
-        for n in sorted(need, key=lambda n: table[n][0])
-    ]
-    return "\n\n".join(texts)
+TARGETS = {"numpy": NumpyTarget, "cupy": CupyTarget}
 
 
 def lower(
     g: Graph, plans: dict[str, Plan], spec_path: str = "<spec>", target: str = "numpy"
 ) -> str:
-    """The standalone module for a model's plans: NumPy, or CuPy with fused kernels."""
-    return Module(g, plans, spec_path, target).source()
+    """The standalone module for a model's plans, written for `target` (TARGETS)."""
+    return Module(g, plans, spec_path, TARGETS[target]()).source()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "rnnc")
 ORDER = ["errors", "ops", "syntax", "kernels", "parse", "format", "imports", "graph", "elaborate", "shapes",
-         "check", "unroll", "interpret", "grad", "optimize", "schedule", "fuse", "lower", "explain",
+         "check", "unroll", "interpret", "grad", "optimize", "schedule", "fuse", "target_numpy", "target_cupy", "lower", "explain",
          "load", "memory", "files", "data", "parallel", "picture", "compiler", "interop", "torch", "export", "gradcheck", "tasks", "train", "cli", "cli_entry"]  # fmt: skip
 
 
@@ -61,3 +61,20 @@ def test_every_module_is_listed_and_documented():
             assert f[:-3] in ORDER, f
             tree = ast.parse(Path(ROOT, f).read_text())
             assert ast.get_docstring(tree), f"{f} has no docstring"
+
+
+def test_a_target_is_one_module_behind_one_interface():
+    """Lowering asks its target (target_numpy.NumpyTarget's methods); nothing in lower.py
+    branches on which target it writes for, or writes CuPy itself."""
+    import re
+
+    from rnnc.target_cupy import CupyTarget
+    from rnnc.target_numpy import NumpyTarget
+
+    lower = Path(ROOT, "lower.py").read_text()
+    assert not re.search(r"target ==|target !=|\bcp\.|cupy", lower.replace("target_cupy import CupyTarget", "")
+                         .replace('"cupy": CupyTarget', "")), "a target branch in lower.py"  # fmt: skip
+    base = {n for n in vars(NumpyTarget) if not n.startswith("_")}
+    extra = {n for n in vars(CupyTarget) if not n.startswith("_")} - base
+    # the CuPy target's own helpers are what its interface methods call
+    assert extra == {"kernel_buffers", "row", "launch", "first_step", "accumulate", "read_later"}
