@@ -229,11 +229,41 @@ def cmd_compile(a) -> int:
 
     # only writes code: the cupy target compiles here without CuPy or a GPU
     m = compile_spec(a.spec, target=a.target, dims=parse_dims(a.dim), model=a.model, load=False)
+    if a.explain:
+        return explain_costs(a, m)
     if a.output:
         atomic_write(a.output, m.source.encode())
         print(f"wrote {a.output}")
     else:
         sys.stdout.write(m.source)
+    return 0
+
+
+def explain_costs(a, m) -> int:
+    """--explain: per function and loop, the work a step does and keeps (from the plan), an
+    estimate from probes of this machine, and (NumPy target) the measured time a step."""
+    from .compiler import compile_spec
+    from .explain import cost_report, loop_costs
+    from .memory import estimate, require_memory
+
+    plans = {k: m.plans[k] for k in ("forward", "loss_and_grads") if k in m.plans}
+    costs = loop_costs(plans, a.batch, 4, a.target)
+    measured: dict[str, float] = {}
+    if a.target == "numpy":  # the CuPy target is timed by `rnnc bench --target cupy` on a GPU
+        require_memory(estimate(m, a.steps, a.batch, np.float32).total,
+                       f"timing {m.graph.graph['model']} at --batch {a.batch} over {a.steps:,d} steps")  # fmt: skip
+        loaded = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model)
+        calls = bench_calls(loaded, a.steps, a.batch, 0)
+        for fname, call in zip(("forward", "loss_and_grads"), calls.values(), strict=False):
+            call()  # warm-up
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t0)
+            measured[fname] = 1e6 * sorted(times)[1] / a.steps
+    print(f"{m.graph.graph['model']}, {a.target} target, float32")
+    print(cost_report(costs, measured, np.float32, a.batch, a.steps, estimate=a.target == "numpy"))
     return 0
 
 
@@ -582,6 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="numpy, or cupy (fused CUDA kernels; the code is written on any machine)",
     )
     c.add_argument("-o", "--output", help="model.py (default: stdout)")
+    c.add_argument("--explain", action="store_true", help="print, per loop, the GEMMs, pointwise work, "
+                   "fused kernels and bytes kept a step, an estimate and the measured time a step")  # fmt: skip
+    c.add_argument("--batch", type=positive_int, default=32, help="--explain: sequences in a batch")
+    c.add_argument("--steps", type=positive_int, default=100, help="--explain: steps of a sequence")
     c = spec_cmd("run", "run the forward pass and loss, train, or generate")
     c.add_argument("--data", help=".npz or .safetensors with one array per input (and target)")
     c.add_argument(

@@ -286,6 +286,12 @@ def edge_sum(c, k, M, carried=False):
     return (c * w.reshape(w.shape + (1,) * (c.ndim - 2))).sum(axis=0)
 
 
+def edge_first(c, carried=False):
+    # edge_sum at delay 1 of an adjoint kept as a running value: the value of step 0, where
+    # every sequence starts (0 when a carried-in state was read instead)
+    return np.zeros_like(c) if carried else c
+
+
 def select_valid(u, fill, M, t, s):
     v = valid_pair(M, t, s)
     return np.where(v.reshape(v.shape + (1,) * (u.ndim - 1)), u, fill)

@@ -139,6 +139,7 @@ class Emitter:
         self.loops = plan.loop_of()
         self.loop_ids = {id(s): i for i, s in enumerate(plan.steps)}
         self.xp = self.target.xp
+        self.running = plan.running if self.target.running else set()
         # each loop body as array code and the target's own items (CuPy: generated kernels)
         self.fused = self.target.fuse(plan, fname, namer)
         self.kernels: list[Kernel] = [
@@ -211,7 +212,7 @@ class Emitter:
         if loop is not None:
             if self.loops.get(u) == self.loop_ids[id(loop)] and k == 0:
                 return name + "_t"
-            plain = f"{name}[{at('t', past - k)}]"
+            plain = f"{name}_run" if u in self.running else f"{name}[{at('t', past - k)}]"
             if k == 0 or self.unmasked(u, k):
                 return plain
             V = self.mask_name(u, k)
@@ -257,6 +258,9 @@ class Emitter:
             args.append(operand_text(text, du["shape"], du["level"], d["shape"]))
         ctx = context(g, n, "t")
         whole = loop is None and is_seq(d["level"])
+        (u, _), *_ = operands(g, n) or [(None, 0)]
+        if d["op"] == "edge_sum" and u in self.running:  # its step-0 value, kept running
+            return f"edge_first({self.name(u)}_run, carry is not None)"
         return render(op, args, d["attrs"], ctx, whole)
 
     # ----- statements -----
@@ -309,7 +313,8 @@ class Emitter:
 
     def frees(self) -> dict[int, set[str]]:
         """Before step i: the names of the arrays no step from i on reads."""
-        return {i: {self.name(u) for u in nodes} for i, nodes in self.dead_before().items()}
+        return {i: {self.name(u) + ("_run" if u in self.running else "") for u in nodes}
+                for i, nodes in self.dead_before().items()}  # fmt: skip
 
     def dead_before(self) -> dict[int, set[int]]:
         """Before step i: the arrays no step from i on reads (a memory plan: the backward
@@ -359,6 +364,9 @@ class Emitter:
             d = g.nodes[n]
             name = self.name(n)
             shape = tuple(d["shape"])
+            if n in self.running:  # the next step's value, 0 past the end
+                out.append(f"    {name}_run = {xp}.zeros((B,) + {shape!r}, dt)")
+                continue
             out.append(f"    {name} = {xp}.empty(({past} + {T} + {fut}, B) + {shape!r}, dt)")
             if past:
                 fill = self.fill(n)
@@ -380,6 +388,9 @@ class Emitter:
                 continue
             for n in item:
                 self.statement(n, loop, seen)
+        for n in loop.nodes:  # handed to the next step (t - 1) once this one is done
+            if n in self.running:
+                out.append(f"        {self.name(n)}_run = {self.name(n)}_t")
 
     def mask_name(self, u: int, k: int) -> str:
         """The [T, B] mask of reads of u at t-k that fall inside the sequence (made once)."""
@@ -411,7 +422,7 @@ class Emitter:
                 start += width
             return
         out.append(f"        {name}_t = {self.expr(n, loop)}")
-        if n in self.plan.stored:
+        if n in self.plan.stored and n not in self.running:
             out.append(f"        {name}[{at('t', past)}] = {name}_t")
 
 # ----- the module -----

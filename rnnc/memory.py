@@ -93,7 +93,7 @@ def plan_bytes(plan: Plan, T: Steps, B: int, itemsize: int) -> int:
         d = g.nodes[n]
         if OPS[d["op"]].kind == "leaf" or n in plan.views or n in em.inline or d["op"] in VIEWS:
             return 0
-        if isinstance(step, Loop) and n not in plan.stored:
+        if isinstance(step, Loop) and (n not in plan.stored or n in em.running):
             return value_bytes(d, T, B, itemsize, rows=1)  # one step's value, then dropped
         if d["level"] in (GLOBAL, STATIC):
             return value_bytes(d, T, B, itemsize)

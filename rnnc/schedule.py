@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from .errors import RnncError
-from .graph import Graph, is_seq, label, upstream
+from .graph import Graph, init_of, is_seq, label, upstream
 from .ops import OPS
 
 
@@ -33,6 +33,8 @@ class Plan:
     pads: dict[int, tuple[int, int]] = field(default_factory=dict)  # node -> (past, future) rows
     stored: set[int] = field(default_factory=set)  # loop nodes whose every step is kept
     views: dict[int, int] = field(default_factory=dict)  # stored slice -> its stored base
+    # stored adjoints a target may keep as one running [B, ...] value instead of T + 1 rows
+    running: set[int] = field(default_factory=set)
 
     def loop_of(self) -> dict[int, int]:
         return {n: i for i, s in enumerate(self.steps) if isinstance(s, Loop) for n in s.nodes}
@@ -78,7 +80,25 @@ def schedule(g: Graph, wanted: dict[str, int], cond: nx.DiGraph | None = None) -
     plan.views = views(g, plan, loops)
     plan.stored -= set(plan.views)
     plan.stored |= set(plan.views.values())
+    plan.running = running(g, plan, loops, keep)
     return plan
+
+
+def running(g: Graph, plan: Plan, loops: dict[int, int], keep: set[int]) -> set[int]:
+    """Adjoints that a backward loop hands only to its next step (t-1) and, after the loop,
+    to an initial state's gradient at delay 1 (which is their step-0 value, every sequence
+    starting at step 0): hand-written BPTT's running dh_next, not a [T + 1, B, ...] array."""
+    out = set()
+    for n, i in loops.items():
+        if (plan.steps[i].direction > 0 or plan.pads.get(n) != (0, 1) or n not in plan.stored
+                or n in plan.wanted.values() or n in plan.views.values() or init_of(g, n) is not None):  # fmt: skip
+            continue
+        uses = [(v, e["delay"]) for _, v, e in g.out_edges(n, data=True) if v in keep]
+        if all((loops.get(v) == i and k == -1)
+               or (k == 0 and g.nodes[v]["op"] == "edge_sum" and g.nodes[v]["attrs"]["k"] == 1)
+               for v, k in uses):  # fmt: skip
+            out.add(n)
+    return out
 
 
 def views(g: Graph, plan: Plan, loops: dict[int, int]) -> dict[int, int]:

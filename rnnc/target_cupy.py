@@ -44,6 +44,7 @@ def to_cupy(line: str) -> str:
 
 class CupyTarget(NumpyTarget):
     name, xp = "cupy", "cp"
+    running = False  # kernels read and write rows of the adjoints' arrays
 
     def fuse(self, plan: Plan, fname: str, namer) -> dict[int, list]:
         """Each loop body as array code, kernels and accumulating GEMMs."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -171,3 +172,23 @@ def test_bench_against_a_second_spec_prints_both_per_step_and_the_ratio(capsys):
         assert words[0] == "lstm_vd_layer" and words[5] == "vs" and words[6] == "lstm_layer"
         ratio = float(words[1]) / float(words[7])
         assert words[-1] == f"{ratio:.2f}x" or abs(float(words[-1][:-1]) - ratio) < 0.02
+
+
+def test_compile_explain_counts_each_loops_work(capsys):
+    """--explain: the GEMM shapes of a step (LSTM: h @ W_hhᵀ forward, dz @ W_hh backward),
+    what a step stores (the forward loop's tape: g, o, the merged i and f, c, tanh c and h,
+    112 numbers a sequence; the backward loop only dz, its running dh and dc kept as one
+    value each), the kernels a step on the CuPy target, and the measured time a step."""
+    spec = os.path.join(SPECS, "..", "bench", "specs", "lstm_layer.rnn")
+    args = ["compile", spec, "--dim", "I=8", "--dim", "H=16", "--explain", "--batch", "4", "--steps", "5"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    train = out[out.index("loss_and_grads (B=4, T=5):") :]
+    fwd, back = (ln for ln in train.splitlines() if ln.startswith("  loop"))
+    assert "GEMMs [4x16]·[16x64]" in fwd and f"stores {112 * 4 * 4:,} bytes" in fwd
+    assert "GEMMs [4x64]·[64x16]" in back and f"stores {64 * 4 * 4:,} bytes" in back
+    assert "9 pointwise ops" in fwd and "estimated" in fwd
+    assert re.search(r"measured: \d+ us a step", train)
+    assert main([*args, "--target", "cupy"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("1 fused kernel;") == 3 and "measured" not in out and "estimated" not in out

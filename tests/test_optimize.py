@@ -116,8 +116,12 @@ def test_backward_loop_carries_one_running_adjoint_like_hand_written_bptt():
     import re
 
     later = {name for line in back for name in re.findall(r"(\w+)\[t \+ 1\]", line)}
-    assert len(later) == 1, back  # dh from z * h[t-1] and from U @ h[t-1]: one array, one read
-    assert "edge_sum(" in m.source and m.source.count("edge_sum(dh_h_next") >= 1
+    running = {name for line in back for name in re.findall(r"\b(\w+_run)\b", line)}
+    # dh from z * h[t-1] and from U @ h[t-1]: one running [B, H] value, no [T + 1] array
+    assert not later and running == {"dh_h_next_run"}, back
+    assert back[-1] == "dh_h_next_run = dh_h_next_t", back  # handed on when the step is done
+    assert "dh_h_next = np.empty(" not in m.source
+    assert "dh_h_init = edge_first(dh_h_next_run, carry is not None)" in m.source
 
 
 def test_common_factor_is_pulled_out():

@@ -73,7 +73,7 @@ def test_generated_names_come_from_the_specs_roles(tmp_path):
     assert main(["compile", str(spec), "-o", str(path)]) == 0
     src = path.read_text()
     for name in ("h_if_t = sigmoid(", "h_h_tanh_t = np.tanh(h_c_t)", "dh_h_from_loss = ",
-                 "dh_c_next[t] = ", "dh_h_next_t = dh_z_t @ h_weight_hh"):  # fmt: skip
+                 "dh_c_next_run = dh_c_next_t", "dh_h_next_t = dh_z_t @ h_weight_hh"):  # fmt: skip
         assert name in src, name
     for op_name in ("mul_mul", "matmul_matmul_t", "sigmoid2", "tanh_t", "tanh"):
         assert not re.search(rf"\b{op_name}\b(?!\()", src.split("def init_params")[1]), op_name
