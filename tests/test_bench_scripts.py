@@ -1,0 +1,30 @@
+"""The benchmark scripts still run and still check what they time (they are not timed here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
+
+
+@pytest.mark.parametrize("system", ["rnnc", "torch", "jax", "ort"])
+def test_peer_benchmark_workers_agree_with_torch(system):
+    """bench/peers.py: each system's worker checks its outputs and gradients against
+    PyTorch's with the same weights before timing; at float32 they agree to 1e-5."""
+    pytest.importorskip("torch", reason="the peers are checked against PyTorch")
+    needs = {"jax": "jax", "ort": "onnxruntime"}.get(system)
+    if needs:
+        pytest.importorskip(needs, reason=f"{needs} is in the peers extra only")
+    points = json.dumps([["lstm", "small"], ["gru", "small"]])
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "peers.py"), "--worker", system, points, "1"],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [json.loads(line) for line in p.stdout.splitlines()]
+    modes = {"ort": ["forward"]}.get(system, ["forward", "training"])
+    assert [(r["cell"], r["mode"]) for r in rows] == [(c, m) for c in ("lstm", "gru") for m in modes]
+    assert all(r["err"] < 1e-5 and r["ms"] > 0 for r in rows), rows
