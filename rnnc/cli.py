@@ -408,15 +408,18 @@ def cmd_generate(a) -> int:
             f"{a.checkpoint} was not trained on text: it has no character set", code="E543"
         )
     chars = meta_field(info, "chars", a.checkpoint, list, ok=charset)
-    outside = sorted(set(a.prime) - set(chars))
+    outside = sorted(set(a.prime + (a.end or "")) - set(chars))
     if outside:
-        raise UsageError(f"--prime has characters the model was not trained on: "
+        raise UsageError(f"--prime or --end has characters the model was not trained on: "
                          f"{''.join(outside)[:40]!r}", code="E501")  # fmt: skip
+    if a.end is not None and len(a.end) != 1:
+        raise UsageError(f"--end takes one character, not {a.end!r}", code="E501")
     m = compile_spec(a.spec, dims={"V": len(chars), **parse_dims(a.dim)}, model=a.model,
                      target=a.target)  # fmt: skip
     meta = {"model": m.graph.graph["model"], "task": "text", "chars": chars}
     s = load_checkpoint(a.checkpoint, m, np.float64, meta).on(m.xp)
-    print(generate(m, s.params, chars, a.generate, a.prime, a.temperature, a.seed))
+    print(generate(m, s.params, chars, a.generate, a.prime, a.temperature, a.seed, a.decode, a.top_k,
+                   a.beam_width, a.end, a.length_alpha))  # fmt: skip
     return 0
 
 
@@ -693,6 +696,15 @@ def add_training_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--log", help="append metrics as JSON lines")
     c.add_argument("--prime", default="", help="text to start generation from")
     c.add_argument("--temperature", type=positive_float, default=1.0)
+    c.add_argument("--decode", choices=["sample", "greedy", "beam"], default="sample",
+                   help="--generate: sample (--temperature, --top-k), the likeliest character "
+                   "(greedy), or beam search (--beam-width, --end, --length-alpha)")  # fmt: skip
+    c.add_argument("--top-k", type=positive_int, help="sample among the K likeliest characters")
+    c.add_argument("--beam-width", type=positive_int, default=4)
+    c.add_argument("--end", help="a character that ends the generated text (beam search ranks "
+                   "the texts that reach it)")  # fmt: skip
+    c.add_argument("--length-alpha", type=float, default=0.0,
+                   help="beam search ranks finished texts by log-probability / length ** ALPHA")  # fmt: skip
     c.add_argument("--quiet", action="store_true")
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from . import tasks
 from .compiler import Model
 from .data import check_data
+from .decode import decode
 from .errors import RnncError, UsageError
 from .files import atomic_write, load_arrays, on_host, save_arrays
 from .memory import estimate, require_memory
@@ -695,44 +696,12 @@ def plot(history: list[Record], path: str) -> None:
 # ----- generation -----
 
 
-def sampled_output(m: Model, name: str) -> str:
-    """The output a `generate NAME = onehot(sample(o[t-1]))` rule samples from: 'o'."""
-    from . import syntax as S
-
-    rule = m.graph.graph["generate"][name]
-    match rule.expr:
-        case S.Call("onehot", (S.Call("sample", (S.TimeRef(o, 1),)),)):
-            return o
-    raise RnncError(
-        "--generate samples through rules of the form `generate x = onehot(sample(o[t-1]))`",
-        rule.span,
-        hint="write the rule that way: o is the distribution over the next input",
-        code="E542",
-    )
-
-
 def generate(m: Model, params: dict, chars: list[str], n: int, prime: str = "",
-             temperature: float = 1.0, seed: int = 0) -> str:  # fmt: skip
-    """n characters sampled from a character model through its `generate` rule."""
-    rules = m.graph.graph["generate"]
-    if len(rules) != 1:
-        raise RnncError(
-            "--generate needs exactly one `generate x = ...` rule in the model", code="E542"
-        )
-    (x_name,) = rules
-    o_name = sampled_output(m, x_name)
+             temperature: float = 1.0, seed: int = 0, method: str = "sample", top_k: int | None = None,
+             width: int = 4, end: str | None = None, alpha: float = 0.0) -> str:  # fmt: skip
+    """n characters from a character model through its `generate` rule (rnnc.decode)."""
     index = {c: i for i, c in enumerate(chars)}
     start = [index[c] for c in (prime or ("\n" if "\n" in index else chars[-1]))]
-    rng = np.random.default_rng(seed)
-    V = len(chars)
-    carry, out = None, []
-    x = np.eye(V)[np.array(start)][:, None, :]  # the prime, all at once
-    for _ in range(n):
-        res, carry = m.forward(params, {x_name: x}, carry=carry, return_carry=True)
-        p = on_host(res[o_name][-1, 0]).astype(np.float64)
-        logits = np.log(np.maximum(p, 1e-30)) / temperature
-        q = np.exp(logits - logits.max())
-        nxt = int(rng.choice(V, p=q / q.sum()))
-        out.append(nxt)
-        x = np.eye(V)[[nxt]][:, None, :]
-    return prime + "".join(chars[i] if i else "?" for i in out)
+    out = decode(m, params, n, [start], method=method, temperature=temperature, top_k=top_k,
+                 width=width, end=None if end is None else index[end], alpha=alpha, seed=seed)  # fmt: skip
+    return prime + "".join(chars[i] if i else "?" for i in out.tokens[0])

@@ -129,6 +129,16 @@ def test_generate_samples_through_the_spec_rule(tmp_path, capsys):
     assert main(args) == 0 and capsys.readouterr().out.strip() == text  # --seed makes it repeatable
     assert set(text) <= set(TEXT) | {"?"}
     assert sum(w in text for w in ("the", "fox", "dog", "over", "lazy", "quick")) >= 2
+    base = ["run", spec, "--generate", "30", "--checkpoint", str(ck), "--dim", "H=32", "--prime", "the "]
+    assert main([*base, "--decode", "greedy"]) == 0
+    greedy = capsys.readouterr().out.strip()
+    assert main([*base, "--top-k", "1", "--seed", "9"]) == 0  # sampling among one: greedy
+    assert capsys.readouterr().out.strip() == greedy
+    assert main([*base, "--decode", "beam", "--beam-width", "3", "--end", "."]) == 0
+    beam = capsys.readouterr().out.strip()
+    assert beam.startswith("the ") and (beam.endswith(".") or len(beam) == 34) and "." not in beam[4:-1]
+    assert main([*base, "--end", "ab"]) == 2
+    assert "--end takes one character" in capsys.readouterr().err
 
 
 def test_forward_carry_continues_a_sequence():

@@ -1,0 +1,139 @@
+"""rnnc.decode: step-by-step decoding equals the full forward pass on the decoded prefix;
+greedy, sampling, top-k and beam search against exhaustive search; static inputs
+(captioning); the command line's --decode."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+from helpers import rel
+
+from rnnc.compiler import compile_spec
+from rnnc.decode import decode
+from rnnc.errors import RnncError
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+LM = os.path.join(ROOT, "specs", "generator.rnn")
+CAPTION = """model caption {
+  dim V = 5, H = 6, F = 3
+  input x[V] : sequence
+  input img[F] : static
+  target y : sequence of class(V)
+  param U[H, V], W[H, H], P[H, F], b[H], Wo[V, H], c[V]
+  s = tanh(U @ x + W @ s[t-1] + first(P @ img) + b)
+  o = softmax(Wo @ s + c)
+  loss = cross_entropy(o, y)
+  generate x = onehot(sample(o[t-1]))
+}
+"""
+
+
+def model(spec, dims=None, seed=0):
+    m = compile_spec(spec, dims=dims)
+    rng = np.random.default_rng(seed)
+    return m, {k: rng.normal(size=v.shape) for k, v in m.init_params(0, np.float64).items()}
+
+
+def full_pass(m, params, tokens, V, static=None):
+    """The distribution at every step of the full forward pass over these inputs [T, B]."""
+    return m.forward(params, {"x": np.eye(V)[tokens], **(static or {})})["o"]
+
+
+@pytest.mark.parametrize("spec", ["lm", "caption"])
+def test_step_by_step_equals_the_full_forward_pass_on_the_prefix(spec):
+    m, p = model(LM, {"V": 4, "H": 5}) if spec == "lm" else model(CAPTION)
+    V = m.inputs["x"][0][0]
+    static = {"img": np.random.default_rng(1).normal(size=(2, 3))} if spec == "caption" else None
+    prime = np.array([[1, 2, 3], [0, 3, 3]])
+    out = decode(m, p, 8, prime, static=static, method="greedy")
+    tokens = np.concatenate([prime, np.array(out.tokens)], axis=1)  # [B, 3 + 8]
+    o = full_pass(m, p, tokens[:, :-1].T, V, static)  # the distribution after each input
+    assert rel(np.array(out.probs), o[2:]) < 1e-12
+    assert (np.argmax(o[2:], axis=-1) == np.array(out.tokens).T).all()
+    want = np.log(np.take_along_axis(o[2:], np.array(out.tokens).T[..., None], -1)[..., 0]).sum(0)
+    assert rel(np.array(out.scores), want) < 1e-12
+
+
+def exhaustive(m, p, prime, L, V):
+    """The likeliest L tokens after the prime, by the full forward pass of every sequence."""
+    best, best_lp = None, -np.inf
+    for seq in itertools.product(range(V), repeat=L):
+        tokens = np.array([*prime, *seq])
+        o = full_pass(m, p, tokens[:-1, None], V)[len(prime) - 1 :, 0]
+        lp = np.log(o[np.arange(L), seq]).sum()
+        if lp > best_lp:
+            best, best_lp = list(seq), lp
+    return best, best_lp
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_beam_search_finds_what_exhaustive_search_finds(seed):
+    m, p = model(LM, {"V": 4, "H": 5}, seed=seed)
+    for prime in ([1], [2, 0, 3]):
+        best, lp = exhaustive(m, p, prime, 3, 4)
+        wide = decode(m, p, 3, [prime], method="beam", width=16)  # 4^2: no prefix is pruned
+        assert wide.tokens[0] == best and abs(wide.scores[0] - lp) < 1e-12
+        narrow = decode(m, p, 3, [prime], method="beam", width=1)
+        assert narrow.tokens == decode(m, p, 3, [prime], method="greedy").tokens
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_beam_search_with_an_end_token_ranks_as_exhaustive_search_does(alpha):
+    """Texts that end (with token 0) within 4 steps, or are cut at 4, ranked by total
+    log-probability / length ** alpha: a beam wide enough to prune nothing finds the best."""
+    m, p = model(LM, {"V": 4, "H": 5}, seed=12)  # alpha 0: [0]; alpha 1: [3, 3, 3, 3]
+    ranked = []
+    for L in range(1, 5):
+        for seq in itertools.product(range(4), repeat=L):
+            if 0 in seq[:-1] or (seq[-1] != 0 and L < 4):
+                continue  # ended earlier, or neither ended nor cut
+            o = full_pass(m, p, np.array([2, *seq[:-1]])[:, None], 4)[:, 0]
+            lp = np.log(o[np.arange(L), seq]).sum()
+            ranked.append((lp / L**alpha, list(seq), lp))
+    _, best, lp = max(ranked)
+    out = decode(m, p, 4, [[2]], method="beam", width=64, end=0, alpha=alpha)
+    assert out.tokens[0] == best and abs(out.scores[0] - lp) < 1e-12
+
+
+def test_an_end_token_stops_a_sequence_and_beam_search_ranks_finished_ones():
+    m, p = model(LM, {"V": 4, "H": 5}, seed=5)
+    out = decode(m, p, 30, [[1], [2]], method="greedy", end=0)
+    for toks in out.tokens:
+        assert 0 not in toks[:-1] and (toks[-1] == 0 or len(toks) == 30)
+    beam = decode(m, p, 30, [[1]], method="beam", width=3, end=0)
+    toks, score = beam.tokens[0], beam.scores[0]
+    assert toks[-1] == 0 and 0 not in toks[:-1]
+    o = full_pass(m, p, np.array([1, *toks[:-1]])[:, None], 4)[:, 0]
+    assert abs(score - np.log(o[np.arange(len(toks)), toks]).sum()) < 1e-12
+
+
+def test_sampling_top_k_and_temperature():
+    m, p = model(LM, {"V": 4, "H": 5}, seed=7)
+    prime = [[1, 2]] * 3
+    greedy = decode(m, p, 10, prime, method="greedy").tokens
+    assert decode(m, p, 10, prime, method="sample", top_k=1, seed=4).tokens == greedy
+    a = decode(m, p, 10, prime, method="sample", seed=4).tokens
+    assert a == decode(m, p, 10, prime, method="sample", seed=4).tokens  # seeded: the same draws
+    assert a != decode(m, p, 10, prime, method="sample", seed=5).tokens
+    cold = decode(m, p, 10, prime, method="sample", temperature=1e-3, seed=4).tokens
+    assert cold == greedy  # temperature -> 0 is greedy
+    top2 = decode(m, p, 40, [[1, 2]] * 20, method="sample", top_k=2, seed=1)
+    for probs, toks in zip(np.array(top2.probs), np.array(top2.tokens).T, strict=False):
+        ranks = (-probs).argsort(axis=-1).argsort(axis=-1)  # 0: the likeliest
+        assert (ranks[np.arange(len(toks)), toks] < 2).all()
+
+
+def test_decoding_errors_are_worded():
+    m, p = model(LM, {"V": 4, "H": 5})
+    with pytest.raises(RnncError, match="unknown decoding method 'nucleus'"):
+        decode(m, p, 3, [[1]], method="nucleus")
+    with pytest.raises(RnncError, match=r"prime tokens must lie in 0\.\.3"):
+        decode(m, p, 3, [[4]])
+    with pytest.raises(RnncError, match=r"prime must be \[batch, length >= 1\]"):
+        decode(m, p, 3, [1, 2])
+    no_rule, q = model(os.path.join(ROOT, "specs", "elman.rnn"), {"H": 4})
+    with pytest.raises(RnncError, match=r"exactly one `generate x = \.\.\.` rule"):
+        decode(no_rule, q, 3, [[1]])
