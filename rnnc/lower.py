@@ -68,27 +68,41 @@ class Namer:
             if len(w) + len(x) <= 12:  # Uh for U @ h; h_Urzn_h_h for h.Urzn @ h.h
                 return w + ("_" if "_" in w + x else "") + x
         parts = [v for _, v in g.out_edges(n) if g.nodes[v]["op"] == "slice" and g.nodes[v]["name"]]
-        if op == "concat":
-            parts = [u for u, _ in operands(g, n) if g.nodes[u]["name"]]
-            parts = parts if len(parts) == len(operands(g, n)) else []
+        if op == "concat":  # its parts, or what they are slices of (an LSTM's W_f, W_i, ...)
+            parts = [self.named_source(u) for u, _ in operands(g, n)]
+            parts = parts if all(parts) else []
         if len(parts) > 1:
             return joined([ident(g.nodes[u]["name"]) for u in parts])
         eq = self.equation_of(n)
         return f"{ident(eq)}_{op}" if eq else op
+
+    def named_source(self, u: int) -> int | None:
+        """u if it has a name, or the named value u is a slice of."""
+        g = self.g
+        while not g.nodes[u]["name"] and g.nodes[u]["op"] == "slice":
+            ((u, _),) = operands(g, u)
+        return u if g.nodes[u]["name"] else None
 
     def equation_of(self, n: int) -> str | None:
         """The name the equation that made n defines (n's scope, file and line)."""
         if not hasattr(self, "equations"):
             self.equations: dict[tuple, str] = {}
             for m, d in sorted(self.g.nodes(data=True)):
-                if d["name"] and "adjoint_of" not in d and d["span"].line:
+                if d["name"] and "adjoint_of" not in d and d["span"].line and OPS[d["op"]].kind != "leaf":
                     self.equations.setdefault(self.where(m), d["name"])
         d = self.g.nodes[n]
         return self.equations.get(self.where(n)) if d["span"].line else None
 
     def where(self, n: int) -> tuple:
         d = self.g.nodes[n]
-        return d.get("scope"), d["span"].file, d["span"].line
+        return self.scope_of(n), d["span"].file, d["span"].line
+
+    def scope_of(self, n: int, depth: int = 0) -> str | None:
+        """n's cell instance; for a value the optimizer made (merged gates), its operands'."""
+        scope = self.g.nodes[n].get("scope")
+        if scope is None and depth < 4:
+            scope = next((s for u, _ in operands(self.g, n) if (s := self.scope_of(u, depth + 1))), None)
+        return scope
 
     def adjoint_term(self, n: int, adj: int) -> str | None:
         """d<state>_next / _prev / _from_<equation>: a term of a named adjoint's sum."""
