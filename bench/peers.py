@@ -30,6 +30,10 @@ SIZES = {"small": (1, 100, 64, 64), "medium": (32, 100, 256, 256), "large": (64,
          "long": (16, 500, 128, 128)}  # fmt: skip
 CELLS = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU"}
 SYSTEMS = ["rnnc", "torch", "jax", "ort"]
+# --custom: cells PyTorch has no layer for, from rnnc's library, against the same cell written
+# as a PyTorch Python loop, that loop under torch.compile, and a JAX lax.scan
+CUSTOM = {"mgu": "MGU", "peephole": "PeepholeLSTM", "lnlstm": "LNLSTM"}
+CUSTOM_SYSTEMS = ["rnnc", "loop", "compile", "jax"]
 SPEC = """use {cell}
 
 model m {{
@@ -43,7 +47,8 @@ model m {{
 
 
 def available(system: str) -> bool:
-    mod = {"rnnc": "numpy", "torch": "torch", "jax": "jax", "ort": "onnxruntime"}[system]
+    mod = {"rnnc": "numpy", "torch": "torch", "loop": "torch", "compile": "torch", "jax": "jax",
+           "ort": "onnxruntime"}[system]  # fmt: skip
     try:
         __import__(mod)
         return True
@@ -168,15 +173,131 @@ def calls_ort(cell, ref, x, y, I, H):
     return (lambda: {"out": sess.run(None, {name: x})[0]}), None
 
 
+def custom_weights(cell: str, I: int, H: int):
+    """rnnc's spec of the library cell and its parameters (seed 0, perturbed so that no gain
+    is exactly 1), float32."""
+    import numpy as np
+
+    from rnnc.compiler import compile_spec
+
+    m = compile_spec(SPEC.format(cell=CUSTOM[cell], I=I, H=H))
+    rng = np.random.default_rng(2)
+    w = {k: (v + 0.1 * rng.normal(size=v.shape)).astype(np.float32) for k, v in m.init_params(0, np.float64).items()}
+    return m, w
+
+
+def custom_step(cell: str, w, state, xp, o):
+    """One step of the cell written by hand (o: sigmoid, tanh, ln), the input projection xp
+    computed for all steps beforehand: -> (state, h)."""
+    H = w["h.weight_ih"].shape[0] // {"mgu": 2, "peephole": 4, "lnlstm": 4}[cell]
+    if cell == "mgu":
+        (h,) = state
+        gi = xp + w["h.bias"]
+        f = o.sigmoid(gi[:, :H] + h @ w["h.weight_hf"].T)
+        n = o.tanh(gi[:, H:] + (f * h) @ w["h.weight_hn"].T)
+        h = (1 - f) * h + f * n
+        return (h,), h
+    h, c = state
+    if cell == "peephole":
+        z = xp + h @ w["h.weight_hh"].T + w["h.bias"]
+        i = o.sigmoid(z[:, :H] + w["h.peep_i"] * c)
+        f = o.sigmoid(z[:, H : 2 * H] + w["h.peep_f"] * c)
+        c = f * c + i * o.tanh(z[:, 2 * H : 3 * H])
+        h = o.sigmoid(z[:, 3 * H :] + w["h.peep_o"] * c) * o.tanh(c)
+        return (h, c), h
+    z = w["h.gamma_ih"] * o.ln(xp) + w["h.gamma_hh"] * o.ln(h @ w["h.weight_hh"].T) + w["h.bias"]
+    i, f = o.sigmoid(z[:, :H]), o.sigmoid(z[:, H : 2 * H])
+    c = f * c + i * o.tanh(z[:, 2 * H : 3 * H])
+    h = o.sigmoid(z[:, 3 * H :]) * o.tanh(w["h.gamma_c"] * o.ln(c) + w["h.beta_c"])
+    return (h, c), h
+
+
+def custom_reference(cell, B, T, I, H):
+    """The PyTorch Python loop's outputs and gradients, the yardstick of the --custom table."""
+    import numpy as np
+
+    m, w = custom_weights(cell, I, H)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(T, B, I)).astype(np.float32)
+    y = rng.normal(size=(T, B, H)).astype(np.float32)
+    forward, train = calls_loop(cell, m, w, x, y, H, compiled=False)
+    return m, w, x, y, {**forward(), **train()}
+
+
+def calls_loop(cell, m, w, x, y, H, compiled: bool):
+    import torch
+    import torch.nn.functional as F
+
+    o = type("ops", (), {"sigmoid": staticmethod(torch.sigmoid), "tanh": staticmethod(torch.tanh),
+                         "ln": staticmethod(lambda v: F.layer_norm(v, v.shape[-1:]))})  # fmt: skip
+    wt = {k: torch.tensor(v, requires_grad=True) for k, v in w.items()}
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+    def run(wt, xt):
+        xp = xt @ wt["h.weight_ih"].T  # the input projection for all steps at once
+        zero = xt.new_zeros(xt.shape[1], H)
+        state, out = ((zero,) if cell == "mgu" else (zero, zero)), []
+        for t in range(xt.shape[0]):
+            state, h = custom_step(cell, wt, state, xp[t], o)
+            out.append(h)
+        return torch.stack(out)
+
+    run = torch.compile(run) if compiled else run
+
+    def forward():
+        with torch.no_grad():
+            return {"out": run(wt, xt).numpy()}
+
+    def train():
+        loss = ((run(wt, xt) - yt) ** 2).mean(-1).sum(0).mean()
+        names = list(wt)
+        return {n: g.numpy() for n, g in zip(names, torch.autograd.grad(loss, [wt[n] for n in names]), strict=True)}
+
+    return forward, train
+
+
+def custom_calls(system, cell, m, w, x, y, H):
+    if system == "rnnc":
+        return (lambda: {"out": m.forward(w, {"x": x})["h"]}), (lambda: m.loss_and_grads(w, {"x": x}, {"y": y})[1])
+    if system in ("loop", "compile"):
+        return calls_loop(cell, m, w, x, y, H, compiled=system == "compile")
+    import jax
+    import jax.numpy as jnp
+
+    def ln(v):
+        mean = v.mean(-1, keepdims=True)
+        return (v - mean) / jnp.sqrt(((v - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
+
+    o = type("ops", (), {"sigmoid": staticmethod(jax.nn.sigmoid), "tanh": staticmethod(jnp.tanh),
+                         "ln": staticmethod(ln)})  # fmt: skip
+    wj = {k: jnp.asarray(v) for k, v in w.items()}
+
+    def run(wj, x):
+        zero = jnp.zeros((x.shape[1], H), x.dtype)
+        init = (zero,) if cell == "mgu" else (zero, zero)
+        return jax.lax.scan(lambda s, xp: custom_step(cell, wj, s, xp, o), init, x @ wj["h.weight_ih"].T)[1]
+
+    def loss(wj, x, y):
+        return ((run(wj, x) - y) ** 2).mean(-1).sum(0).mean()
+
+    fwd, grad = jax.jit(run), jax.jit(jax.grad(loss))
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+    return (lambda: {"out": jax.block_until_ready(fwd(wj, xj))}), (lambda: jax.block_until_ready(grad(wj, xj, yj)))
+
+
 def worker(system: str, points: list, iters: int) -> None:
     import numpy as np
 
     sys.path.insert(0, os.path.join(HERE, ".."))
-    make = {"rnnc": calls_rnnc, "torch": calls_torch, "jax": calls_jax, "ort": calls_ort}[system]
+    make = {"rnnc": calls_rnnc, "torch": calls_torch, "jax": calls_jax, "ort": calls_ort}.get(system)
     for cell, size in points:
         B, T, I, H = SIZES[size]
-        ref, x, y, want = torch_reference(cell, B, T, I, H)
-        fwd, train = make(cell, ref, x, y, I, H)
+        if cell in CUSTOM:
+            m, w, x, y, want = custom_reference(cell, B, T, I, H)
+            fwd, train = custom_calls(system, cell, m, w, x, y, H)
+        else:
+            ref, x, y, want = torch_reference(cell, B, T, I, H)
+            fwd, train = make(cell, ref, x, y, I, H)
         for mode, fn in (("forward", fwd), ("training", train)):
             if fn is None:
                 continue
@@ -201,11 +322,15 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--cells", default="rnn,lstm,gru")
     ap.add_argument("--sizes", default="all", help="comma-separated of " + ", ".join(SIZES))
+    ap.add_argument("--custom", action="store_true", help="the custom cells (" + ", ".join(CUSTOM) + ") "
+                    "against a PyTorch Python loop, torch.compile and JAX")  # fmt: skip
     a = ap.parse_args()
     sizes = list(SIZES) if a.sizes == "all" else a.sizes.split(",")
-    points = [(c, s) for c in a.cells.split(",") for s in sizes]
-    systems = [s for s in SYSTEMS if available(s)]
-    missing = [s for s in SYSTEMS if s not in systems]
+    cells = ",".join(CUSTOM) if a.custom and a.cells == "rnn,lstm,gru" else a.cells
+    points = [(c, s) for c in cells.split(",") for s in sizes]
+    every = CUSTOM_SYSTEMS if a.custom else SYSTEMS
+    systems = [s for s in every if available(s)]
+    missing = [s for s in every if s not in systems]
     runs: dict[tuple, list[dict]] = {}
     for r in range(a.rounds):
         order = systems[r % len(systems) :] + systems[: r % len(systems)]  # rotated each round
@@ -218,8 +343,9 @@ def main() -> int:
             for line in p.stdout.splitlines():
                 row = json.loads(line)
                 runs.setdefault((row["cell"], row["size"], row["mode"], row["system"]), []).append(row)
+    yardstick = "the PyTorch loop" if a.custom else "PyTorch"
     print(f"float32, median of {a.rounds} rounds x {a.iters} calls; ms per call; err = largest norm-wise "
-          f"difference from PyTorch{'; not installed: ' + ', '.join(missing) if missing else ''}")  # fmt: skip
+          f"difference from {yardstick}{'; not installed: ' + ', '.join(missing) if missing else ''}")  # fmt: skip
     print(f"{'cell':5s} {'B,T,I,H':15s} {'mode':9s} " + " ".join(f"{s:>9s}" for s in systems)
           + f" {'best peer':>9s} {'rnnc/best':>9s} {'max err':>8s}")  # fmt: skip
     for cell, size in points:

@@ -28,3 +28,18 @@ def test_peer_benchmark_workers_agree_with_torch(system):
     modes = {"ort": ["forward"]}.get(system, ["forward", "training"])
     assert [(r["cell"], r["mode"]) for r in rows] == [(c, m) for c in ("lstm", "gru") for m in modes]
     assert all(r["err"] < 1e-5 and r["ms"] > 0 for r in rows), rows
+
+
+@pytest.mark.parametrize("system", ["rnnc", "loop", "compile", "jax"])
+def test_custom_cell_workers_agree_with_the_pytorch_loop(system):
+    """bench/peers.py --custom: the library's MGU in rnnc, under torch.compile and in JAX
+    gives the hand-written PyTorch loop's outputs and gradients (float32, 1e-5)."""
+    pytest.importorskip("torch", reason="the custom cells are checked against a PyTorch loop")
+    if system == "jax":
+        pytest.importorskip("jax", reason="jax is in the peers extra")
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "peers.py"), "--worker", system,
+                        json.dumps([["mgu", "small"]]), "1"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [r["mode"] for r in rows] == ["forward", "training"]
+    assert all(r["err"] < 1e-5 for r in rows), rows
