@@ -197,10 +197,10 @@ def resume_other(*flags):
     return build
 
 
-def generate_with_prime(prime):
+def generate_with_prime(prime, *flags):
     def build(d):
         ck = checkpoint(d, text=True)
-        return ["run", ELMAN, "--generate", "5", "--checkpoint", ck, "--dim", "H=4", "--prime", prime]
+        return ["run", ELMAN, "--generate", "5", "--checkpoint", ck, "--dim", "H=4", "--prime", prime, *flags]
 
     return build
 
@@ -323,7 +323,9 @@ CASES = {
     "--text of an empty file": (text_file(""), 2, "is empty"),
     "--text too short to learn from": (text_file("abc"), 1, "the text is too short to train on"),
     "--text too short for the windows": (text_file("ab" * 300), 2, "has 600 characters; --seq-len 64 at --batch 32 needs at least"),
-    "--prime outside the vocabulary": (generate_with_prime("the Z"), 2, "--prime has characters the model was not trained on: 'Z'"),
+    "--prime outside the vocabulary": (generate_with_prime("the Z"), 2, "--prime or --end has characters the model was not trained on: 'Z'"),
+    "--end outside the vocabulary": (generate_with_prime("the ", "--decode", "beam", "--end", "Q"), 2,
+                                     "--prime or --end has characters the model was not trained on: 'Q'"),
     # --- item 5: memory, checked before allocating (the limit is fixed at 8 GiB below) ---
     "--seq-len 1e7": (lambda d: ["run", RNN, "--train", "--task", "adding", "--seq-len", "1e7"], 1,
                       "training adding_rnn at batch 32 over 10,000,000 steps needs about"),
