@@ -80,7 +80,7 @@ def test_beam_search_finds_what_exhaustive_search_finds(seed):
         assert narrow.tokens == decode(m, p, 3, [prime], method="greedy").tokens
 
 
-@pytest.mark.parametrize("alpha", [0.0, 1.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 2.0])
 def test_beam_search_with_an_end_token_ranks_as_exhaustive_search_does(alpha):
     """Texts that end (with token 0) within 4 steps, or are cut at 4, ranked by total
     log-probability / length ** alpha: a beam wide enough to prune nothing finds the best."""
@@ -100,14 +100,30 @@ def test_beam_search_with_an_end_token_ranks_as_exhaustive_search_does(alpha):
 
 def test_an_end_token_stops_a_sequence_and_beam_search_ranks_finished_ones():
     m, p = model(LM, {"V": 4, "H": 5}, seed=5)
-    out = decode(m, p, 30, [[1], [2]], method="greedy", end=0)
-    for toks in out.tokens:
-        assert 0 not in toks[:-1] and (toks[-1] == 0 or len(toks) == 30)
+    free = decode(m, p, 12, [[1], [2]], method="greedy").tokens
+    end = free[0][3]  # a token the first sequence emits at its 4th step
+    out = decode(m, p, 12, [[1], [2]], method="greedy", end=end)
+    for toks, whole in zip(out.tokens, free, strict=True):
+        cut = whole.index(end) + 1 if end in whole else len(whole)
+        assert toks == whole[:cut]  # up to and with its first end token, nothing after
+    assert len(out.tokens[0]) <= 4
+    both = decode(m, p, 12, [[1], [1]], method="greedy", end=end)
+    assert len(both.probs) == len(both.tokens[0])  # all ended: no step after the last
     beam = decode(m, p, 30, [[1]], method="beam", width=3, end=0)
     toks, score = beam.tokens[0], beam.scores[0]
     assert toks[-1] == 0 and 0 not in toks[:-1]
     o = full_pass(m, p, np.array([1, *toks[:-1]])[:, None], 4)[:, 0]
     assert abs(score - np.log(o[np.arange(len(toks)), toks]).sum()) < 1e-12
+
+
+def test_beam_search_reads_each_sequences_own_static_inputs():
+    m, p = model(CAPTION, seed=2)
+    img = np.random.default_rng(5).normal(size=(2, 3)) * 3  # two images, two captions
+    prime = [[1], [1]]
+    greedy = decode(m, p, 6, prime, static={"img": img}, method="greedy")
+    beam = decode(m, p, 6, prime, static={"img": img}, method="beam", width=1)
+    assert beam.tokens == greedy.tokens and greedy.tokens[0] != greedy.tokens[1]
+    assert rel(np.array(beam.scores), np.array(greedy.scores)) < 1e-12
 
 
 def test_sampling_top_k_and_temperature():
@@ -128,8 +144,9 @@ def test_sampling_top_k_and_temperature():
 
 def test_decoding_errors_are_worded():
     m, p = model(LM, {"V": 4, "H": 5})
-    with pytest.raises(RnncError, match="unknown decoding method 'nucleus'"):
+    with pytest.raises(RnncError, match="unknown decoding method 'nucleus'") as e:
         decode(m, p, 3, [[1]], method="nucleus")
+    assert e.value.code == "E544"
     with pytest.raises(RnncError, match=r"prime tokens must lie in 0\.\.3"):
         decode(m, p, 3, [[4]])
     with pytest.raises(RnncError, match=r"prime must be \[batch, length >= 1\]"):
