@@ -154,3 +154,18 @@ def test_decoding_errors_are_worded():
     no_rule, q = model(os.path.join(ROOT, "specs", "elman.rnn"), {"H": 4})
     with pytest.raises(RnncError, match=r"exactly one `generate x = \.\.\.` rule"):
         decode(no_rule, q, 3, [[1]])
+
+
+def test_beam_search_stops_once_finished_texts_outrank_the_live_ones(monkeypatch):
+    """With `width` texts ended and the best of them ranked above every live one (log-
+    probabilities only fall as tokens are added: exact at alpha 0), the search stops early."""
+    m, p = model(LM, {"V": 4, "H": 5}, seed=5)
+    end = int(np.argmax(decode(m, p, 1, [[1]], method="greedy").probs[0][0]))  # the likeliest next
+    calls = []
+    forward = m.forward
+    monkeypatch.setattr(m, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    out = decode(m, p, 50, [[1]], method="beam", width=2, end=end)
+    assert len(calls) < 50 and out.tokens[0][-1] == end
+    toks = out.tokens[0]
+    o = full_pass(m, p, np.array([1, *toks[:-1]])[:, None], 4)[:, 0]
+    assert abs(out.scores[0] - np.log(o[np.arange(len(toks)), toks]).sum()) < 1e-12
