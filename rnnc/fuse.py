@@ -453,9 +453,11 @@ class RowKernel:
 
     def __init__(self, prefix: str, width: int, lines: list[str]):
         self.prefix, self.width, self.lines = prefix, width, lines
+        self.made = 0  # values named so far: prefix_r0, prefix_r1, ...
 
     def let(self, text: str) -> str:
-        name = f"{self.prefix}_r{sum(ln.startswith(f'    const real {self.prefix}_r') for ln in self.lines)}"
+        name = f"{self.prefix}_r{self.made}"
+        self.made += 1
         self.lines.append(f"    const real {name} = {text};")
         return name
 

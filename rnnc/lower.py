@@ -160,10 +160,6 @@ class Emitter:
             j for items in self.fused.values() for k in items if isinstance(k, Kernel)
             for j in (k, k.ahead) if j is not None
         ]  # fmt: skip
-        # a kernel result made one step ahead and kept for no later step: two rows, this
-        # step's and the next one's
-        self.two_rows = {a.node for k in self.kernels if k.ahead for a in k.args
-                         if a.out and a.ahead and a.node not in plan.stored}  # fmt: skip
         self.inline = self.inlined()
         self.lines: list[str] = []
 

@@ -93,7 +93,7 @@ class CupyTarget(NumpyTarget):
         for a in k.args:
             if a.out and a.node not in em.plan.stored:
                 shape = tuple(em.g.nodes[a.node]["shape"])
-                if a.node in em.two_rows:
+                if a.node in two_rows(em):
                     line = f"    {em.name(a.node)}_rows = cp.empty((2, B) + {shape!r}, dt)"
                 else:
                     line = f"    {em.name(a.node)}_t = cp.empty((B,) + {shape!r}, dt)"
@@ -114,7 +114,7 @@ class CupyTarget(NumpyTarget):
             return em.name(u) if d["op"] != "const" else repr(d["attrs"]["value"])
         here = em.loops.get(u) == em.loop_ids[id(loop)]
         t = "tn" if a is not None and a.ahead else "t"
-        if here and u in em.two_rows and a is not None and a.out:
+        if here and u in two_rows(em) and a is not None and a.out:
             return f"{em.name(u)}_rows[{t} % 2]"
         if here and u not in em.plan.stored and k == (loop.direction if t == "tn" else 0):
             return f"{em.name(u)}_t"
@@ -125,9 +125,19 @@ class CupyTarget(NumpyTarget):
         for n in k.nodes:
             em.comment(n, "        ", seen)
         if k.ahead:
-            step = "min(t + 1, T - 1)" if loop.direction > 0 else "max(t - 1, 0)"
             T = context(em.g, loop.nodes[0])["T"]
-            em.lines.append(f"        tn = {step.replace('T', T)}  # the next step")
+            step = f"min(t + 1, {T} - 1)" if loop.direction > 0 else "max(t - 1, 0)"
+            em.lines.append(f"        tn = {step}  # the next step")
+        em.lines.append("        " + self.launch_call(em, k, loop))
+        # array code later in the step reads a stored result as this step's row
+        for a in k.args:
+            if a.out and not a.ahead and a.node in em.plan.stored and self.read_later(em, a.node, k, loop):
+                past = em.plan.pads.get(a.node, (0, 0))[0]
+                name = em.name(a.node)
+                em.lines.append(f"        {name}_t = {name}[{at('t', past)}]")
+
+    def launch_call(self, em: Any, k: Kernel, loop: Loop) -> str:
+        """launch(name, threads, dt, *the rows and values k reads and writes)."""
         args = []
         for a in k.args:
             if a.mask:
@@ -140,37 +150,22 @@ class CupyTarget(NumpyTarget):
             args.append("np.int32(tn != t)")
         if k.rows:  # a block of threads per sequence: they reduce over its row together
             args.append(f"block={k.width}")
-        em.lines.append(f"        launch({k.name!r}, B * {k.width}, dt, {', '.join(args)})")
-        # array code later in the step reads a stored result as this step's row
-        for a in k.args:
-            if (
-                a.out
-                and not a.ahead
-                and a.node in em.plan.stored
-                and self.read_later(em, a.node, k, loop)
-            ):
-                past = em.plan.pads.get(a.node, (0, 0))[0]
-                name = em.name(a.node)
-                em.lines.append(f"        {name}_t = {name}[{at('t', past)}]")
+        return f"launch({k.name!r}, B * {k.width}, dt, {', '.join(args)})"
 
     def first_step(self, em: Any, host: Kernel, loop: Loop, T: str, seen: set) -> None:
         """The kernel whose work each step does for the next one (fuse.rotated) runs on its
         own for the first step; then this step's results are read from where it wrote them."""
         k = host.ahead
+        for n in k.nodes:
+            em.comment(n, "        ", seen)
         first = "0" if loop.direction > 0 else f"{T} - 1"
-        lines, em.lines = em.lines, []
-        self.launch(em, k, loop, seen)
-        launch = [ln for ln in em.lines if ln.lstrip().startswith("launch(")]
-        comments = [ln for ln in em.lines if ln.lstrip().startswith("#")]
-        em.lines = lines
-        em.lines += comments
         em.lines.append(f"        if t == {first}:  # later steps get these from the step before")
-        em.lines += ["    " + ln for ln in launch]
+        em.lines.append("            " + self.launch_call(em, k, loop))
         for a in k.args:
             if not a.out:
                 continue
             name = em.name(a.node)
-            if a.node in em.two_rows:
+            if a.node in two_rows(em):
                 em.lines.append(f"        {name}_t = {name}_rows[t % 2]")
             elif self.read_later(em, a.node, k, loop):
                 past = em.plan.pads.get(a.node, (0, 0))[0]
@@ -193,6 +188,13 @@ class CupyTarget(NumpyTarget):
         body = set(loop.nodes)
         return any(v in body and v not in mine and e["delay"] == 0 and not em.in_kernel(v)
                    for _, v, e in em.g.out_edges(n, data=True))  # fmt: skip
+
+
+def two_rows(em: Any) -> set[int]:
+    """Kernel results made one step ahead and kept for no later step: two rows of them,
+    this step's and the next one's."""
+    return {a.node for k in em.kernels if k.ahead for a in k.args
+            if a.out and a.ahead and a.node not in em.plan.stored}  # fmt: skip
 
 
 def cuda_section(kernels: list[Kernel]) -> str:

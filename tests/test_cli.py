@@ -192,3 +192,13 @@ def test_compile_explain_counts_each_loops_work(capsys):
     assert main([*args, "--target", "cupy"]) == 0
     out = capsys.readouterr().out
     assert out.count("1 fused kernel;") == 3 and "measured" not in out and "estimated" not in out
+
+
+def test_compile_explain_a_model_without_a_loss(tmp_path, capsys):
+    spec = tmp_path / "noloss.rnn"
+    spec.write_text("model m {\n  dim I = 3, H = 4\n  input x[I] : sequence\n  param W[H, I], U[H, H]\n"
+                    "  h = tanh(W @ x + U @ h[t-1])\n}\n")  # fmt: skip
+    assert main(["compile", str(spec), "--explain", "--batch", "2", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "forward (B=2, T=3):" in out and "GEMMs [2x4]·[4x4]" in out and "loss_and_grads" not in out
+    assert re.search(r"measured: \d+ us a step", out)
