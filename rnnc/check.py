@@ -31,6 +31,15 @@ def algebraic_loops(g: Graph) -> None:
         return
     cycle = nx.find_cycle(same.subgraph(knot))
     nodes = [u for u, _ in cycle]
+    every = next((n for n in nodes if g.nodes[n]["op"] == "every"), None)
+    if every is not None:  # x[s] inside x's own recurrence: steps after t do not exist yet
+        x = label(g, next(u for u, _ in cycle if _ == every)).rsplit(".", 1)[-1]
+        raise RnncError(
+            f"reads every step of '{x}' ({x}[s]) in the recurrence that computes '{x}': its later "
+            "steps do not exist yet", g.nodes[every]["span"], code="E406",
+            hint=f"attend over a sequence computed before this one (an encoder's e[s]), or over "
+                 f"what '{x}' is computed from",
+        )  # fmt: skip
     named = [n for n in nodes if g.nodes[n]["name"]] or nodes
     text = " -> ".join(short(g, n) for n in named + named[:1])
     first = named[0]

@@ -141,7 +141,9 @@ def cmd_check(a) -> int:
                              if v in step.nodes and e["delay"]})  # fmt: skip
             reads = ", ".join(f"t-{k}" if k > 0 else f"t+{-k}" for k in delays)
             way = "forward" if step.direction > 0 else "backward"
-            print(f"  recurrence ({way} over {step.dom}, reads {reads}): {', '.join(names)}")
+            over = sorted({g.nodes[n]["pair"] for n in step.nodes if g.nodes[n]["pair"]})
+            att = "".join(f", attends over every step of {o}" for o in over)  # x[s] inside
+            print(f"  recurrence ({way} over {step.dom}, reads {reads}{att}): {', '.join(names)}")
     states = sorted(
         {g.nodes[u]["name"] for u, _, e in g.edges(data=True) if e["delay"] and g.nodes[u]["name"]}
     )
@@ -247,7 +249,7 @@ def explain_costs(a, m) -> int:
     from .memory import estimate, require_memory
 
     plans = {k: m.plans[k] for k in ("forward", "loss_and_grads") if k in m.plans}
-    costs = loop_costs(plans, a.batch, 4, a.target)
+    costs = loop_costs(plans, a.batch, 4, a.target, a.steps)
     measured: dict[str, float] = {}
     if a.target == "numpy":  # the CuPy target is timed by `rnnc bench --target cupy` on a GPU
         require_memory(estimate(m, a.steps, a.batch, np.float32).total,
@@ -346,7 +348,7 @@ def cmd_train(a) -> int:
                          target=a.target)  # fmt: skip
         _, steps0, lr0 = tr.Task.DEFAULTS[task]
     else:
-        raise UsageError("--train needs --task adding|copy|reber|text, or --data FILE.npz",
+        raise UsageError("--train needs --task adding|copy|reber|reverse|text, or --data FILE.npz",
                          code="E501")  # fmt: skip
     lr = a.lr or lr0
     opt = tr.SGD(lr, a.momentum) if a.optimizer == "sgd" else tr.Adam(lr)
@@ -678,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_training_args(c: argparse.ArgumentParser) -> None:
     """Training options (rnnc/train.py reads them)."""
-    c.add_argument("--task", help="built-in task: adding, copy, reber, text, npz")
+    c.add_argument("--task", help="built-in task: adding, copy, reber, reverse, text, npz")
     c.add_argument("--text", help="a text file for the character task (default: Python's docs)")
     c.add_argument("--steps", type=positive_int, help="training steps")
     c.add_argument("--batch", type=positive_int, default=32)

@@ -14,6 +14,7 @@ reads them at the very first step only, as in training."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,44 +61,63 @@ def generate_rule(m: Model) -> tuple[str, str, int]:
 
 
 class Stepper:
-    """The model one step (or one prime) at a time, its state carried between calls."""
+    """The model one step (or one prime) at a time, its state carried between calls. The
+    other inputs (`given`) come with every call: static ones ([B, ...], an image's features)
+    and sequences of other clocks ([S, B, ...], an encoder's source, with their `lengths`);
+    only the decoder's own states are carried, so an encoder runs from its start each call."""
 
-    def __init__(self, m: Model, params: dict, static: dict | None):
-        self.m, self.params, self.static = m, params, dict(static or {})
+    def __init__(self, m: Model, params: dict, given: dict | None, lengths: dict | None = None):
+        self.m, self.params = m, params
         self.x, self.o, self.V = generate_rule(m)
+        self.given = {k: np.asarray(v) for k, v in (given or {}).items()}
+        self.seqs = {k for k in self.given if m.inputs[k][1] != "static"}
+        self.lengths = {k: np.asarray(v) for k, v in (lengths or {}).items()}
+        dom = m.inputs[self.x][1]
+        self.own = {d["name"] for _, d in m.graph.nodes(data=True) if d["name"] and d["level"] == dom}
         self.carry: dict | None = None
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         """tokens [T, B] -> the distribution after the last of them, [B, V] (float64)."""
         x = np.eye(self.V)[tokens]
-        out, self.carry = self.m.forward(self.params, {self.x: x, **self.static}, carry=self.carry,
-                                         return_carry=True)  # fmt: skip
+        out, carry = self.m.forward(self.params, {self.x: x, **self.given}, lengths=self.lengths or None,
+                                    carry=self.carry, return_carry=True)  # fmt: skip
+        self.carry = {k: v for k, v in carry.items() if k in self.own}
         return np.asarray(on_host(out[self.o][-1]), np.float64)
 
     def keep(self, rows: np.ndarray) -> None:
-        """Keep (and repeat) these batch rows of the state and of the static inputs."""
-        self.carry = {k: v[:, rows] for k, v in self.carry.items()}
-        self.static = {k: v[rows] for k, v in self.static.items()}
+        """Keep (and repeat) these batch rows of the state and of the other inputs."""
+        self.carry = None if self.carry is None else {k: v[:, rows] for k, v in self.carry.items()}
+        self.given = {k: v[:, rows] if k in self.seqs else v[rows] for k, v in self.given.items()}
+        self.lengths = {k: v[rows] for k, v in self.lengths.items()}
+
+    def row(self, i: int) -> Stepper:
+        """A stepper for sequence i alone, from its start."""
+        one = copy.copy(self)
+        one.carry = None
+        one.keep(np.array([i]))
+        return one
 
 
 def decode(m: Model, params: dict, steps: int, prime, static: dict | None = None,
            method: str = "greedy", temperature: float = 1.0, top_k: int | None = None,
-           width: int = 4, end: int | None = None, alpha: float = 0.0, seed: int = 0) -> Decoded:  # fmt: skip
+           width: int = 4, end: int | None = None, alpha: float = 0.0, seed: int = 0,
+           lengths: dict | None = None) -> Decoded:  # fmt: skip
     """Up to `steps` tokens after each prime (prime: [B, P] token ids, P >= 1; static: the
-    model's static inputs, [B, ...]). greedy: the likeliest token; sample: from the
-    distribution at `temperature`, among the `top_k` likeliest if given; beam: the `width`
-    best continuations by total log-probability, finished ones ranked by it over
-    length ** alpha. A sequence stops after its `end` token."""
+    model's other inputs, static ones [B, ...] and an encoder's sequences [S, B, ...] with
+    their `lengths` [B]). greedy: the likeliest token; sample: from the distribution at
+    `temperature`, among the `top_k` likeliest if given; beam: the `width` best
+    continuations by total log-probability, finished ones ranked by it over length ** alpha.
+    A sequence stops after its `end` token."""
     if method not in METHODS:
         raise RnncError(f"unknown decoding method '{method}' (one of {', '.join(METHODS)})", code="E544")
     prime = np.asarray(prime, dtype=np.int64)
     if prime.ndim != 2 or prime.shape[1] < 1:
         raise RnncError("prime must be [batch, length >= 1] token ids", code="E544")
-    step = Stepper(m, params, static)
+    step = Stepper(m, params, static, lengths)
     if prime.min() < 0 or prime.max() >= step.V:
         raise RnncError(f"prime tokens must lie in 0..{step.V - 1}", code="E544")
     if method == "beam":
-        out = [beam(m, params, steps, row, static, i, width, end, alpha) for i, row in enumerate(prime)]
+        out = [beam(step.row(i), steps, row, width, end, alpha) for i, row in enumerate(prime)]
         return Decoded([t for t, _ in out], [s for _, s in out])
     rng = np.random.default_rng(seed)
     B = prime.shape[0]
@@ -127,11 +147,10 @@ def pick(p: np.ndarray, method: str, temperature: float, top_k: int | None, rng)
     return int(rng.choice(len(p), p=q / q.sum()))
 
 
-def beam(m: Model, params: dict, steps: int, prime: np.ndarray, static: dict | None, row: int,
-         width: int, end: int | None, alpha: float) -> tuple[list[int], float]:  # fmt: skip
-    """Beam search for one sequence: its best continuation and total log-probability."""
-    mine = None if static is None else {k: np.asarray(v)[row : row + 1] for k, v in static.items()}
-    step = Stepper(m, params, mine)
+def beam(step: Stepper, steps: int, prime: np.ndarray, width: int, end: int | None,
+         alpha: float) -> tuple[list[int], float]:  # fmt: skip
+    """Beam search for one sequence (`step` runs it alone, from its start): its best
+    continuation and total log-probability."""
     logp = np.log(np.maximum(step(prime[:, None]), 1e-300))  # [1, V]
     beams: list[tuple[list[int], float]] = [([], 0.0)]
     finished: list[tuple[list[int], float]] = []
@@ -148,11 +167,11 @@ def beam(m: Model, params: dict, steps: int, prime: np.ndarray, static: dict | N
             elif len(live) < width:
                 live.append(cand)
                 rows.append(b)
+        beams = live  # (the shorter ones of the step before are extended or dropped)
         if len(finished) >= width and (not live or max(rank(*f) for f in finished) >= max(rank(*c) for c in live)):
             break
         if not live:
             break
-        beams = live
         step.keep(np.array(rows))
         logp = np.log(np.maximum(step(np.array([[t[-1] for t, _ in beams]])), 1e-300))
     best = max(finished + beams, key=lambda c: rank(*c))

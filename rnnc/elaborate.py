@@ -120,6 +120,13 @@ class Elaborator:
                     self.g.graph["generate"][name] = stmt
                 case S.Equation(name, _, _, span):
                     self.declare(scope, name, "eq", stmt, span)
+        for name, (kind, d) in scope.decls.items():
+            if kind == "input" and d.like is not None:
+                other = scope.decls.get(d.like, ("", None))
+                if other[0] != "input" or other[1].kind != "sequence" or other[1].like is not None:
+                    raise self.error(f"'{name}' is declared like '{d.like}', which is not an input sequence "
+                                     "of its own clock", d.span,
+                                     hint="write `input q[I] : sequence like x`, x a sequence input", code="E205")  # fmt: skip
         for name, rule in self.g.graph["generate"].items():
             if scope.decls.get(name, ("", None))[0] != "input":
                 raise self.error(
@@ -143,7 +150,7 @@ class Elaborator:
             self.g.nodes[n]["scope"] = scope.prefix
             self.g.graph["params"][name] = n
             return n
-        level = d.name if d.kind == "sequence" else STATIC
+        level = (getattr(d, "like", None) or d.name) if d.kind == "sequence" else STATIC
         n = add_node(self.g, kind, (), d.name, d.span, name=d.name, dom=level)
         self.g.graph["domains"][d.name] = d.kind
         if kind == "target" and d.classes is not None:
@@ -228,6 +235,8 @@ class Elaborator:
                 return self.lookup(n, 0, scope, span)
             case S.TimeRef(n, k, span):
                 return self.lookup(n, k * scope.flip, scope, span, timed=True)
+            case S.Every(n, span):
+                return (self.mk("every", [self.lookup(n, 0, scope, span, timed=True)], span, over=None), 0)
             case S.Slice(x, a, b, span):
                 n = self.mk("slice", [self.expr(x, scope)], span, start=0, stop=0, axis=-1)
                 self.g.nodes[n]["dimattrs"] = (
@@ -321,6 +330,9 @@ class Elaborator:
                 code="E210",
             )
         attrs = dict(op.attrs)
+        over = [v for key, v in e.kwargs if key == "over"]
+        if over:
+            return self.over_s(e, over[0], scope)
         for key, v in e.kwargs:
             if key not in op.attrs:
                 raise self.error(f"{fn} takes no argument '{key}'", v.span, code="E208")
@@ -339,6 +351,23 @@ class Elaborator:
         if fn == "onehot":
             attrs["n"] = 0
         return (self.mk(op.name, args, span, **attrs), 0)
+
+    def over_s(self, e: S.Call, over: S.Expr, scope: Scope) -> Ref:
+        """softmax(x, over=s) and sum(x, over=s): a reduction over the steps s of what x reads
+        at x[s] (attention weights, a context vector)."""
+        usage = "a = softmax(score, over=s), ctx = sum(a * e[s], over=s)"
+        if e.fn not in ("softmax", "sum"):
+            raise self.error(f"{e.fn} takes no argument 'over'", over.span,
+                             hint=f"only softmax and sum reduce over the steps s: {usage}", code="E208")  # fmt: skip
+        if not isinstance(over, S.Name) or over.name != "s":
+            raise self.error("over= names the steps to reduce: over=s", over.span, hint=usage, code="E208")
+        extra = [k for k, _ in e.kwargs if k != "over"]
+        if extra or len(e.args) != 1:
+            at = next((v.span for k, v in e.kwargs if k != "over"), e.span)
+            what = f"no argument '{extra[0]}'" if extra else f"1 argument, got {len(e.args)}"
+            raise self.error(f"{e.fn}(..., over=s) takes {what}", at, hint=usage, code="E208")
+        op = "softmax_s" if e.fn == "softmax" else "sum_s"
+        return (self.mk(op, [self.expr(e.args[0], scope)], e.span, over=None, causal=False), 0)
 
     def noise(self, e: S.Call, scope: Scope) -> Ref:
         """dropout(x, p[, per=sequence]) and zoneout(h, p): the op over a mask leaf named

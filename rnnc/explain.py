@@ -18,12 +18,13 @@ MATH = {
     "slice": "{0}[{start}:{stop}]", "slice_rows": "{0}[{start}:{stop}, :]",
     "edge_sum": "Σ(steps before the start) {0}", "identity": "{0}",
     "ce_logits_d": "softmax({0}) - onehot({1})", "loss_spread": "∂loss/∂{1}",
+    "sum_s": "Σ_s {0}", "softmax_s": "softmax_s({0})", "bcast_s": "{0} (each s)", "unevery": "{0}",
 }  # fmt: skip
 # the precedence of each template's result (9: an atom, as in ops.py); an infix op's operands
 # need what the op registry's `slots` say, a Σ form's operand must be an atom, a call's anything
-RESULT = {"outer": 3, "reduce_to": 3, "sum_f": 3, "edge_sum": 3, "ce_logits_d": 1}
+RESULT = {"outer": 3, "reduce_to": 3, "sum_f": 3, "edge_sum": 3, "ce_logits_d": 1, "sum_s": 3}
 INFIX = {"add", "sub", "mul", "div", "neg", "matmul", "matmul_t", "sum"}
-ATOM_OPERANDS = {"outer", "reduce_to", "sum_f", "slice", "slice_rows", "edge_sum", "loss_spread"}
+ATOM_OPERANDS = {"outer", "reduce_to", "sum_f", "slice", "slice_rows", "edge_sum", "loss_spread", "sum_s", "bcast_s"}
 
 
 def needs(op: str, i: int) -> int:
@@ -114,14 +115,19 @@ class LoopCost:
     elements: int
     kernels: int | None
     kept: int
+    attending: str | None = None  # the sequence whose every step s the step reads (attention)
+    per_s: int = 0  # of the ops, those on a value per step s ([S, B, ...] at once, no loop over s)
+    hoisted: tuple[str, ...] = ()  # the loop-invariant work over every step s, done before it
 
     @property
     def flops(self) -> int:
         return sum(2 * b * k * n for b, k, n in self.gemms) + self.elements
 
 
-def loop_costs(plans: dict[str, Plan], B: int, itemsize: int, target: str = "numpy") -> list[LoopCost]:
-    """Per function and loop, what one step computes and keeps, from the plan alone."""
+def loop_costs(plans: dict[str, Plan], B: int, itemsize: int, target: str = "numpy",
+               steps: int = 1) -> list[LoopCost]:  # fmt: skip
+    """Per function and loop, what one step computes and keeps, from the plan alone (a value
+    per step s of another sequence, attention's, counts `steps` rows of B)."""
     from .fuse import Kernel, loop_kernels
 
     out = []
@@ -131,25 +137,50 @@ def loop_costs(plans: dict[str, Plan], B: int, itemsize: int, target: str = "num
         for i, step in enumerate(plan.steps):
             if not isinstance(step, Loop):
                 continue
-            gemms, ops, elements, kept = [], 0, 0, 0
+            gemms, ops, elements, kept, per_s, attending = [], 0, 0, 0, 0, None
             for n in step.nodes:
                 d = g.nodes[n]
+                rows = B * (steps if d["pair"] else 1)
                 width = math.prod(d["shape"] or (1,))
                 if n in plan.stored and n not in plan.running and n not in plan.views:
-                    kept += B * width * itemsize
+                    kept += rows * width * itemsize
                 if d["op"] in VIEW_OPS or OPS[d["op"]].kind == "leaf":
                     continue
                 w = next((u for u, _ in operands(g, n) if g.nodes[u]["level"] == GLOBAL
                           and len(g.nodes[u]["shape"]) == 2), None)  # fmt: skip
                 if d["op"] in ("matmul", "matmul_t") and w is not None:
-                    rows, cols = g.nodes[w]["shape"]
-                    gemms.append((B, cols, rows) if d["op"] == "matmul" else (B, rows, cols))
+                    r, c = g.nodes[w]["shape"]
+                    gemms.append((rows, c, r) if d["op"] == "matmul" else (rows, r, c))
                 else:
                     ops += 1
-                    elements += B * width
+                    elements += rows * width
+                pair = d["pair"] or next((g.nodes[u]["pair"] for u, _ in operands(g, n) if g.nodes[u]["pair"]), None)
+                if pair:
+                    per_s += 1
+                    attending = pair
             kernels = sum(isinstance(x, Kernel) for x in fused.get(i, [])) if fused else None
-            out.append(LoopCost(fname, step.direction, step.dom, gemms, ops, elements, kernels, kept))
+            hoisted = tuple(hoisted_work(plan, step, B, steps)) if attending else ()
+            out.append(LoopCost(fname, step.direction, step.dom, gemms, ops, elements, kernels, kept,
+                                attending, per_s, hoisted))  # fmt: skip
     return out
+
+
+def hoisted_work(plan: Plan, loop: Loop, B: int, steps: int):
+    """The GEMMs over every step s that a loop reads, computed once before it (not per step)."""
+    g = plan.graph
+    em = Emitter(plan, Namer(g), {})
+    inside = set(loop.nodes)
+    for s in plan.steps[: plan.steps.index(loop)]:
+        if not isinstance(s, Once):
+            continue
+        d = g.nodes[s.node]
+        if d["op"] != "matmul" or not d["pair"] or is_seq(d["level"]):
+            continue
+        if not any(v in inside for v in g.successors(s.node)):
+            continue
+        w = operands(g, s.node)[0][0]
+        r, c = g.nodes[w]["shape"]
+        yield f"{em.name(s.node)} = {math_of(em, s.node, None)}: one GEMM [{steps * B}x{c}]·[{c}x{r}]"
 
 
 def estimate_us(cost: LoopCost, dtype) -> float:
@@ -204,7 +235,12 @@ def cost_report(costs: list[LoopCost], measured: dict[str, float], dtype, B: int
                 parts.append(f"stores {c.kept:,} bytes (what later steps and functions read)")
             if estimate:
                 parts.append(f"estimated {estimate_us(c, dtype):.0f} us (its GEMMs, each op a NumPy multiply)")
+            for h in c.hoisted:
+                lines.append(f"  once, before the loop over {c.domain}: {h} over every step s of {c.attending}")
             lines.append(f"  loop {way} over {c.domain}, a step: " + "; ".join(parts))
+            if c.attending:
+                lines.append(f"    {c.per_s} of its ops read every step s of {c.attending} at once "
+                             f"([S={T}, B] rows, batched; no loop over s)")
         if fname in measured:
             lines.append(f"  measured: {measured[fname]:.0f} us a step (the whole function / T)")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from .imports import library_text
 from .ops import GLOBAL, OPS, needs_feature_axis
 from .parse import parse
 from .schedule import Loop, Once
+from .shapes import describe
 
 OPSET = 18
 
@@ -264,7 +265,8 @@ class Params(dict):
 
 
 def refuse(g, n: int, why: str) -> RnncError:
-    return RnncError(f"cannot export '{label(g, n)}' to ONNX: {why}", g.nodes[n]["span"], code="E581")
+    what = label(g, n) if g.nodes[n]["name"] else describe(g, n)  # its source text, not an id
+    return RnncError(f"cannot export '{what}' to ONNX: {why}", g.nodes[n]["span"], code="E581")
 
 
 def leaf(b: Builder, n: int, params: dict) -> str:
@@ -287,6 +289,8 @@ def lowered(b: Builder, n: int, args: list[str]) -> str:
     """Node n's ONNX value from its operands' names (scalars per step get a feature axis)."""
     g, d = b.g, b.g.nodes[n]
     rule = OPS[d["op"]].onnx
+    if d["pair"] or d["op"] in ("sum_s", "softmax_s"):
+        raise refuse(g, n, "attention (a read of every step s, x[s]) is not exported to ONNX")
     if rule is None:
         raise refuse(g, n, f"the op '{d['op']}' has no ONNX lowering")
     ins = operands(g, n)

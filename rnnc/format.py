@@ -39,7 +39,7 @@ def prec(e: S.Expr) -> int:
             return PREC[op]
         case S.Neg():
             return UNARY
-        case S.Slice() | S.TimeRef():
+        case S.Slice() | S.TimeRef() | S.Every():
             return POSTFIX
     return ATOM
 
@@ -50,6 +50,8 @@ def fmt_expr(e: S.Expr) -> str:
             return fmt_num(v)
         case S.Name(n):
             return n
+        case S.Every(n):
+            return f"{n}[s]"
         case S.TimeRef(n, 0):
             return f"{n}[t]"
         case S.TimeRef(n, k):
@@ -97,8 +99,8 @@ def fmt_stmt(s: S.Stmt) -> str:
                 it.name + (f" = {fmt_dim(it.default)}" if it.default is not None else "")
                 for it in items
             )
-        case S.InputDecl(name, dims, kind):
-            return f"input {name}[{fmt_dims(dims)}] : {kind}"
+        case S.InputDecl(name, dims, kind, _, like):
+            return f"input {name}[{fmt_dims(dims)}] : {kind}" + (f" like {like}" if like else "")
         case S.TargetDecl(name, dims, kind, classes):
             shape = f"[{fmt_dims(dims)}]" if dims is not None else ""
             if classes is None:

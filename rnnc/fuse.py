@@ -64,8 +64,8 @@ class Accumulate:
 def fusable(g: Graph, n: int) -> bool:
     d = g.nodes[n]
     op = OPS[d["op"]]
-    if len(d["shape"]) > 1:
-        return False
+    if len(d["shape"]) > 1 or d["pair"] or any(g.nodes[u]["pair"] for u in g.pred[n]):
+        return False  # a value per step s (attention): CuPy's array ops over [S, B, ...]
     if d["op"] == "slice":
         return True
     if d["op"] == "concat":

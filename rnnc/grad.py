@@ -27,8 +27,11 @@ def unbroadcast(ct: Sym, like: int) -> Sym:
     d = g.nodes[like]
     if d["shape"] == () and ct.shape != ():
         ct = ct.op("sum_f")
+    pair = g.nodes[ct.node]["pair"]
+    if pair is not None and d["pair"] is None:  # read at every step s: Σ over s
+        ct = ct.op("sum_s", over=pair)
     if rank(ct.level) > rank(d["level"]):
-        keep = len(d["shape"]) + (1 if d["level"] == STATIC else 0)
+        keep = len(d["shape"]) + (1 if d["level"] == STATIC else 0) + (1 if d["pair"] else 0)
         ct = ct.op("reduce_to", keep=keep, level=d["level"])
     return ct
 
@@ -47,7 +50,7 @@ def grad(g: Graph, loss: int | None = None) -> Graph:
     for n in sorted(relevant):  # every adjoint first exists as an empty n-ary sum
         d = g.nodes[n]
         dn = add_node(g, "sum", (), "d" + d["name"] if d["name"] else None, d["span"])
-        g.nodes[dn].update(shape=d["shape"], level=d["level"], adjoint_of=n, adjoint=True)
+        g.nodes[dn].update(shape=d["shape"], level=d["level"], pair=d["pair"], adjoint_of=n, adjoint=True)
         dnode[n] = dn
     adj[loss].append((add_op(g, "const", value=1.0), 0))
     for v in sorted(relevant):

@@ -10,6 +10,8 @@ Node attributes:
   name    the spec variable this node defines, qualified by cell instance ("h1.fwd.c"), or None
   span    errors.Span of the source it came from
   classes True when the value is a class index (targets of class(K), sample) not a vector
+  pair    the domain whose every step s the value holds (attention: arrays [S, B, ...] per
+          step or sequence), or None
 Edge attributes:
   pos     operand position (0, 1, ...), or "init" for the edge from a state's initial value
   delay   0 = same step; k > 0 reads step t-k; k < 0 reads step t+|k|
@@ -25,7 +27,7 @@ from typing import Any
 import networkx as nx
 
 from .errors import NOWHERE, RnncError, Span
-from .ops import GLOBAL, OPS, STATIC, ShapeError, fmt_shape
+from .ops import GLOBAL, OPS, STATIC, ShapeError, fmt_shape, pair_of
 from .parse import read_source
 
 Graph = nx.MultiDiGraph
@@ -45,7 +47,7 @@ def add_node(g: Graph, op: str, operands=(), var=None, span: Span = NOWHERE, **a
     n = g.graph["next_id"]
     g.graph["next_id"] = n + 1
     g.add_node(n, op=op, attrs=attrs, shape=None, level=None, name=var, span=span,
-               classes=OPS[op].int_out)  # fmt: skip
+               classes=OPS[op].int_out, pair=None)  # fmt: skip
     for pos, (src, delay) in enumerate(operands):
         g.add_edge(src, n, pos=pos, delay=delay)
     return n
@@ -61,6 +63,10 @@ def add_op(g: Graph, op: str, operands=(), var=None, span: Span = NOWHERE, **att
     except ShapeError as e:
         raise RnncError(str(e), span, code="E301") from None
     node["level"] = OPS[op].level(*(i["level"] for i in ins), **attrs)
+    try:
+        node["pair"] = pair_of(OPS[op], [i.get("pair") for i in ins], attrs, node["level"])
+    except ShapeError as e:
+        raise RnncError(str(e), span, code="E412") from None
     return n
 
 

@@ -42,7 +42,10 @@ def context(g: Graph, n: int, t: Any = None) -> dict[str, Any]:
         levels = [g.nodes[u]["level"] for u, _ in operands(g, n)] + [d["level"]]
         dom = next((lv for lv in levels if is_seq(lv)), None)
     tag = "".join(c if c.isalnum() else "_" for c in dom) if dom else ""
+    over = d["attrs"].get("over")
     return {
+        "Mo": "M_" + "".join(c if c.isalnum() else "_" for c in over) if over else "None",
+        "r": len(d["shape"] or ()),
         "M": f"M_{tag}" if dom else "None",
         "T": f"T_{tag}" if dom else "None",
         "t": d["attrs"].get("t", t),
@@ -76,7 +79,7 @@ def interpret(
     B = first_seq.shape[1] if first_seq is not None else next(iter(inputs.values())).shape[0]
     masks = step_masks(dag.graph["domains"], T, lengths)
     ns: dict[str, Any] = {k: getattr(kernels, k) for k in dir(kernels) if not k.startswith("_")}
-    ns.update(np=np, B=B, dt=dtype, rng=np.random.default_rng(0), temperature=1.0)
+    ns.update(np=np, B=B, dt=dtype, rng=np.random.default_rng(0))
     for dom, name in mask_names(dag.graph["domains"]).items():
         ns[name] = masks[dom]
         ns["T_" + name[2:]] = T[dom]

@@ -50,6 +50,43 @@ def log_softmax(x):
     return s - np.log(np.exp(s).sum(axis=-1, keepdims=True))
 
 
+def valid_s(x, M, r, upto):
+    # which steps s of an attended sequence count, shaped to broadcast against x ([S, B, ...] at
+    # a step t, [T, S, B, ...] over the whole sequence; r trailing feature axes): within its
+    # length (M: [S, B], None when every step is valid) and, for a sequence's own steps, s <= t
+    ax = x.ndim - r - 2
+    S = x.shape[ax]
+    keep = None if M is None else np.asarray(M)[:S]
+    if upto is not None:
+        s = np.arange(S)
+        c = (np.arange(x.shape[0])[:, None] >= s)[:, :, None] if upto == "all" else (s <= upto)[:, None]
+        keep = c if keep is None else c & keep
+    return None if keep is None else keep.reshape(keep.shape + (1,) * r)
+
+
+def softmax_s(x, M, r, upto=None):
+    # softmax over the steps s; steps that do not count weigh exactly 0, a row with none is 0
+    ax = x.ndim - r - 2
+    keep = valid_s(x, M, r, upto)
+    z = x if keep is None else np.where(keep, x, -np.inf)
+    top = z.max(axis=ax, keepdims=True)
+    e = np.exp(z - np.where(np.isfinite(top), top, 0))
+    total = e.sum(axis=ax, keepdims=True)
+    return e / np.where(total > 0, total, 1)
+
+
+def sum_s(x, M, r, upto=None):
+    keep = valid_s(x, M, r, upto)
+    return (x if keep is None else np.where(keep, x, 0)).sum(axis=x.ndim - r - 2)
+
+
+def bcast_s(g, like, M, r, upto=None):
+    # the adjoint of sum_s: g copied to every step s that counts
+    out = np.broadcast_to(np.expand_dims(g, like.ndim - r - 2), like.shape)
+    keep = valid_s(like, M, r, upto)
+    return out.copy() if keep is None else np.where(keep, out, 0)
+
+
 def step(x):
     return (x > 0).astype(x.dtype)
 
@@ -314,13 +351,21 @@ def at_last(g, M, T, t):
     return g * (last == t).reshape((-1,) + (1,) * (g.ndim - 1))
 
 
-def sample(p, rng, temperature):
+def sample(p, rng, temperature=1.0):
     # draw one class per row from probabilities p, sharpened or flattened by temperature
+    # (an equation's sample(o) draws at 1 from the rng the call is given, or a fixed one)
+    rng = np.random.default_rng(0) if rng is None else rng
     logits = np.log(np.maximum(p, 1e-30)) / temperature
     q = np.exp(logits - logits.max(axis=-1, keepdims=True))
     q = q / q.sum(axis=-1, keepdims=True)
     u = rng.random((*q.shape[:-1], 1))
     return np.minimum((q.cumsum(axis=-1) < u).sum(axis=-1), q.shape[-1] - 1)
+
+
+def carried_in(carry, key, fill=None):
+    # a state carried in from a previous window, else its initial value: a carry may hold some
+    # states only (decoding carries the decoder's, the encoder runs from its start)
+    return fill if carry is None or key not in carry else carry[key]
 
 
 def pad_time(a, past, future, fill, carried=None):
@@ -414,11 +459,15 @@ def step_mask(lengths, name, T, B):
     return np.arange(T)[:, None] < L[None, :]
 
 
-def zero_padding(h, M):
-    # steps past each sequence's end are 0 (as torch's pad_packed_sequence gives them)
+def zero_padding(h, M, Ms=None):
+    # steps past each sequence's end are 0 (as torch's pad_packed_sequence gives them); with
+    # Ms, h is [T, S, B, ...] (a value per step s of another sequence) and past its end too
+    if Ms is not None:
+        h = h * Ms.reshape(Ms.shape + (1,) * (h.ndim - 3))
+        M = None if M is None else M[:, None]
     if M is None:
         return h
-    return h * M.reshape(M.shape + (1,) * (h.ndim - 2))
+    return h * M.reshape(M.shape + (1,) * (h.ndim - M.ndim))
 
 
 def final_rows(h, past, T, M):

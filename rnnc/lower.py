@@ -63,6 +63,8 @@ class Namer:
             if d["op"] != "matmul":
                 return f"{self.base(adj)}_{d['op']}"  # a piece of a VJP, e.g. 1 - s*s is s_sub
         op = d["op"]
+        if op == "every":  # e[s]: e_s, every step s of e
+            return self.base(operands(g, n)[0][0]) + "_s"
         if op == "matmul":
             w, x = (self.base(u) for u, _ in operands(g, n))
             if len(w) + len(x) <= 12:  # Uh for U @ h; h_Urzn_h_h for h.Urzn @ h.h
@@ -258,16 +260,18 @@ class Emitter:
         g, d = self.g, self.g.nodes[n]
         op = OPS[d["op"]]
         args = []
+        whole = loop is None and is_seq(d["level"])
         for i, (u, k) in enumerate(operands(g, n)):
             text, prec = self.operand(u, k, loop)
             du = g.nodes[u]
+            if whole and d["pair"] and not du["pair"] and is_seq(du["level"]) and op.pair is None:
+                text, prec = f"{text if prec >= 9 else f'({text})'}[:, None]", 9  # [T, B] -> [T, 1, B]: each s
             bcast = operand_text(text, du["shape"], du["level"], d["shape"])
             need = 9 if bcast != text else slot_prec_of(op.name, i)
             if prec < need:
                 text = f"({text})"
             args.append(operand_text(text, du["shape"], du["level"], d["shape"]))
         ctx = context(g, n, "t")
-        whole = loop is None and is_seq(d["level"])
         (u, _), *_ = operands(g, n) or [(None, 0)]
         if d["op"] == "edge_sum" and u in self.running:  # its step-0 value, kept running
             return f"edge_first({self.name(u)}_run, carry is not None)"
@@ -360,7 +364,7 @@ class Emitter:
         carried = ""
         if past and init_of(self.g, n) is not None:
             key = self.g.nodes[n]["name"]
-            carried = f", None if carry is None else carry[{key!r}]"
+            carried = f", carried_in(carry, {key!r})"
         return f"pad_time({text}, {past}, {fut}, {self.fill(n)}{carried})"
 
     def loop(self, loop: Loop, seen: set) -> None:
@@ -377,12 +381,13 @@ class Emitter:
             if n in self.running:  # the next step's value, 0 past the end
                 out.append(f"    {name}_run = {xp}.zeros((B,) + {shape!r}, dt)")
                 continue
-            out.append(f"    {name} = {xp}.empty(({past} + {T} + {fut}, B) + {shape!r}, dt)")
+            S = f"{context_names(d['pair'])[0]}, " if d["pair"] else ""  # every step s it holds
+            out.append(f"    {name} = {xp}.empty(({past} + {T} + {fut}, {S}B) + {shape!r}, dt)")
             if past:
                 fill = self.fill(n)
                 if init_of(g, n) is not None:
                     key = d["name"]
-                    out.append(f"    {name}[:{past}] = {fill} if carry is None else carry[{key!r}]")
+                    out.append(f"    {name}[:{past}] = carried_in(carry, {key!r}, {fill})")
                 else:
                     out.append(f"    {name}[:{past}] = {fill}")
             if fut:
@@ -612,9 +617,12 @@ class Module:
     def output(self, n: int, em: Emitter) -> str:
         """A named value as the functions return it: a sequence zero past each length."""
         d = self.g.nodes[n]
+        Ms = f", {context_names(d['pair'])[1]}" if d["pair"] else ""  # and zero past e's, for e[s]
         if is_seq(d["level"]):
             M = context_names(d["level"])[1]
-            return f"zero_padding({em.seq_read(n, 0, None)}, {M})"
+            return f"zero_padding({em.seq_read(n, 0, None)}, {M}{Ms})"
+        if d["pair"]:
+            return f"zero_padding({self.namer(n)}{Ms})"
         return self.namer(n) if d["op"] != "const" else repr(d["attrs"]["value"])
 
     def returns(self, fname: str, plan: Plan, em: Emitter) -> list[str]:

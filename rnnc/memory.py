@@ -69,6 +69,8 @@ def data_steps(arrays: dict, table: dict) -> dict[str, int]:
 def value_bytes(d: dict, T: Steps, B: int, itemsize: int, rows: int | None = None) -> int:
     """One node's value: [rows, B, *shape], [B, *shape] or [*shape] elements."""
     count = math.prod(d["shape"] or ())
+    if d.get("pair"):  # a value per step s of another sequence: [S, B, ...] per step or sequence
+        count *= steps_of(d["pair"], T)
     if d["level"] == GLOBAL:
         return count * itemsize
     if d["level"] == STATIC:

@@ -76,6 +76,9 @@ class Op:
     # ONNX: onnx(b, *operand names, **attrs) -> the value's name, b being export.py's builder
     # (b.op(type, *inputs, **attributes), b.shape: this value's feature shape, b.ints, b.f)
     onnx: Callable[..., str] | None = None
+    # the sequence whose every step s the value holds (attention), from the operands' own:
+    # pair(*operand_pairs, **attrs) -> a domain or None
+    pair: Callable[..., str | None] | None = None
 
 
 OPS: dict[str, Op] = {}
@@ -84,7 +87,7 @@ OPS: dict[str, Op] = {}
 def defop(name: str, arity: int | None, shape, numpy: str, **rules) -> Op:
     """Register an op. Its rules may name only the attrs they use; the rest are not passed."""
     shape = takes_attrs(shape)
-    for key in ("vjp", "level"):
+    for key in ("vjp", "level", "pair"):
         if rules.get(key) is not None:
             rules[key] = takes_attrs(rules[key])
     OPS[name] = op = Op(name, arity, shape, numpy, **rules)
@@ -257,6 +260,23 @@ def at_dom(*levels: str, **attrs) -> str:
 
 def reduce_level(*levels: str, **attrs) -> str:
     return attrs["level"]
+
+
+# ----- Pair rules: a value per step s of another sequence (attention) -----
+
+
+def common_pair(*pairs: str | None, **attrs) -> str | None:
+    """Operands that hold every step s of a sequence combine only if it is the same one."""
+    known = {p for p in pairs if p is not None}
+    if len(known) > 1:
+        raise ShapeError("combines values per step s of two different sequences: "
+                         + " and ".join(sorted(known)))  # fmt: skip
+    return known.pop() if known else None
+
+
+def pair_of(op: Op, pairs: list[str | None], attrs: dict[str, Any], level: str | None) -> str | None:
+    """A model-wide value (a weight's gradient) sums over every step s."""
+    return None if level == GLOBAL else (op.pair or common_pair)(*pairs, **attrs)
 
 
 # ----- Leaves: values that come from outside the graph -----
@@ -535,6 +555,37 @@ defop("batch", 1, first_shape, "np.broadcast_to({0}, ({B},) + {0}.shape)", level
       user=False, vjp=lambda g, y, x: [g.op("reduce_to", keep=len(x.shape), level=GLOBAL)])  # fmt: skip
 defop("reduce_to", 1, first_shape, "reduce_to({0}, {keep})", level=reduce_level, user=False)
 
+# Attention. `e[s]` (every) is the whole of sequence e as one value per sequence, an array
+# [S, B, ...] whose leading axis is e's steps; what combines it with a value per step t holds
+# [S, B, ...] at each t ([T, S, B, ...] over the whole sequence), and a reduction `over=s`
+# (masked by e's lengths; causal, s <= t, where e runs on the reader's own clock) brings it
+# back to [B, ...]. `over` names e's domain, `causal` says s <= t.
+defop("every", 1, first_shape, "{0}", level=to_static, kind="collective", user=False,
+      pair=lambda x, over: over, vjp=lambda g, y, x, over: [g.op("unevery", over=over)])  # fmt: skip
+defop("unevery", 1, first_shape, "{0}", level=lambda x, over: over, kind="collective", user=False,
+      pair=lambda x, over: None)  # fmt: skip
+def over_s(over, causal, t=None) -> dict[str, Any]:
+    """The attrs of a reduction over s and its adjoint: the same steps count (an unrolled
+    step's copy also keeps its t)."""
+    return {"over": over, "causal": causal, **({"t": t} if t is not None else {})}
+
+
+defop("sum_s", 1, first_shape, "sum_s({0}, {Mo}, {r}, {upto})", user=False, pair=lambda x, **a: None,
+      attrs={"over": None, "causal": False},
+      vjp=lambda g, y, x, over, causal, t=None: [g.op("bcast_s", x, **over_s(over, causal, t))])  # fmt: skip
+defop("bcast_s", 2, first_shape, "bcast_s({0}, {1}, {Mo}, {r}, {upto})", user=False,
+      pair=lambda g, like, **a: like, attrs={"over": None, "causal": False},
+      vjp=lambda g, y, x, like, over, causal, t=None: [g.op("sum_s", **over_s(over, causal, t)), None])  # fmt: skip
+defop("softmax_s", 1, first_shape, "softmax_s({0}, {Mo}, {r}, {upto})", user=False,
+      attrs={"over": None, "causal": False},
+      vjp=lambda g, y, x, over, causal, t=None: [
+          y * (g - (g * y).op("sum_s", **over_s(over, causal, t)).op("bcast_s", y, **over_s(over, causal, t)))])  # fmt: skip
+# the unrolled DAG's forms: every step's copy stacked, and the adjoint's row i back
+defop("stack", None, first_shape, "np.stack(({args},))", level=to_static, kind="collective",
+      user=False, pair=lambda *xs, over: over,
+      vjp=lambda g, y, *xs, over: [g.op("unstack", i=i) for i in range(len(xs))])  # fmt: skip
+defop("unstack", 1, first_shape, "{0}[{i}]", slots=(9,), user=False, pair=lambda x, i: None)
+
 # ----- Losses (each reduced to one number: sum or mean over time, mean over the batch) -----
 
 defop("ce_logits", 2, class_loss, "ce_logits({0}, {1})", user=False, labels=True,
@@ -614,7 +665,7 @@ NOISE = ("dropout", "zoneout")
 
 # ----- Sampling (generation only; not differentiable) -----
 
-defop("sample", 1, vector, "sample({0}, {rng}, temperature)", int_out=True)
+defop("sample", 1, vector, "sample({0}, {rng})", int_out=True)
 defop("onehot", 1, vector, "onehot({0}, {n}, {dt})")
 
 # ----- ONNX lowerings (export.py): each forward op as ONNX operators (opset 18) -----
@@ -731,6 +782,10 @@ def render(op: Op, args: list[str], attrs: dict[str, Any], ctx: dict[str, Any],
     """The op's NumPy text for operand texts `args`; ctx names M, T, t, B, dt, rng, n.
     `whole`: the operands are whole sequences [T, B, ...] (a step outside any loop)."""
     fields = {**ctx, **attrs}
+    if attrs.get("causal"):  # attention over a sequence's own steps: those s <= t
+        fields["upto"] = "'all'" if whole else ctx["t"]
+    elif "causal" in op.attrs:
+        fields["upto"] = "None"
     if op.arity is None:
         fields["args"] = op.sep.join(args)
     template = op.seq if whole and op.seq else op.numpy

@@ -160,11 +160,11 @@ class ToAst(Transformer_NonRecursive):
         return S.DimItem(self._name(name), default, self._s(meta))
 
     def input_decl(self, meta, ch):
-        name, dims, (kind, _) = ch
-        return S.InputDecl(self._name(name), dims, kind, self._s(meta))
+        name, dims, (kind, like) = ch
+        return S.InputDecl(self._name(name), dims, kind, self._s(meta), like)
 
     def sequence(self, meta, ch):
-        return ("sequence", None)
+        return ("sequence", self._name(ch[0]) if ch and ch[0] is not None else None)
 
     def static(self, meta, ch):
         return ("static", None)
@@ -278,9 +278,14 @@ class ToAst(Transformer_NonRecursive):
         base, index = ch
         span = self._s(meta)
         delay = time_offset(index)
+        if index == S.DName("s"):
+            if not isinstance(base, S.Name):
+                raise RnncError("only a named sequence can be read at every step s", span,
+                                hint="give the expression a name first: `k = ...`, then use k[s]", code="E107")  # fmt: skip
+            return S.Every(base.name, span)
         if delay is None:
             raise RnncError(
-                "an index in brackets must be a time step: t, t-k or t+k",
+                "an index in brackets must be a time step: t, t-k, t+k, or s (every step)",
                 index.span,
                 hint="to take features a to b, write a slice: z[a:b]",
                 code="E107",

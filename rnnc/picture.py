@@ -23,6 +23,10 @@ STYLE = {
 }
 
 
+LINK = "#2e6fb7"  # one sequence's final state starting another's recurrence
+BUNDLE = "#7d3c98"  # attention: every step s of a sequence, read by each step t
+
+
 def quote(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
@@ -36,6 +40,10 @@ def node_style(g: Graph, n: int) -> str:
     return STYLE["named"] if d["name"] else STYLE["op"]
 
 
+# attention's ops, in words
+OP_WORDS = {"every": "every step s", "sum_s": "Σ over s", "softmax_s": "softmax over s"}
+
+
 def node_label(g: Graph, n: int) -> str:
     d = g.nodes[n]
     if d["name"]:
@@ -43,7 +51,7 @@ def node_label(g: Graph, n: int) -> str:
         what = d["op"] if d["op"] not in ("identity",) else ""
         extra = f"\n{what}" if what and d["op"] not in ("param", "input", "target") else ""
         return f"{short}\n{fmt_shape(d['shape'])}{extra}"
-    return d["op"]
+    return OP_WORDS.get(d["op"], d["op"])
 
 
 def to_dot(g: Graph) -> str:
@@ -66,7 +74,11 @@ def to_dot(g: Graph) -> str:
         if scope:
             lines.append("  }")
     for u, v, e in g.edges(data=True):
-        if g.nodes[u]["op"] in ("const", "state_init") or e["pos"] == "init":
+        if g.nodes[u]["op"] in ("const", "state_init"):
+            continue
+        if e["pos"] == "init":  # a state starting from another's value: the encoder's final state
+            lines.append(f'  n{u} -> n{v} [style=bold, color="{LINK}", fontcolor="{LINK}", label="init", '
+                         "constraint=false];")  # fmt: skip
             continue
         k = e["delay"]
         if k:
@@ -92,8 +104,14 @@ def variables_view(dag: Graph) -> nx.DiGraph:
     keep = {
         n for n, d in dag.nodes(data=True)
         if (d["name"] and d["op"] not in ("param", "state_init", "const") and not port_copy(dag, n))
-        or n == dag.graph.get("loss")
+        or n == dag.graph.get("loss") or d["op"] == "stack"  # attention's e[s]: one bundle
     }  # fmt: skip
+    same: dict[tuple, int] = {}  # e[s] read twice (scores and context): one bundle
+    for n in sorted(n for n in keep if dag.nodes[n]["op"] == "stack"):
+        first = same.setdefault(tuple(u for u, _ in operands(dag, n)), n)
+        if first != n:
+            keep.discard(n)
+    alias = {n: same[tuple(u for u, _ in operands(dag, n))] for n, d in dag.nodes(data=True) if d["op"] == "stack"}
     view = nx.DiGraph()
     view.add_nodes_from(keep)
     for v in keep:
@@ -103,11 +121,23 @@ def variables_view(dag: Graph) -> nx.DiGraph:
             if u in seen:
                 continue
             seen.add(u)
+            u = alias.get(u, u)
             if u in keep:
                 view.add_edge(u, v)
+            elif dag.nodes[u]["op"] == "pick_last":  # final(e): drawn from e's last step
+                stack.append(operands(dag, u)[-1][0])
             else:
                 stack.extend(w for w, _ in operands(dag, u))
     return view
+
+
+def column(dag: Graph, n: int) -> tuple[str, int] | None:
+    """The (time domain, step) a node of the unrolled DAG belongs to, or None."""
+    d = dag.nodes[n]
+    t = d.get("orig", (None, None))[1]
+    if t is None:
+        t = d["attrs"].get("t")
+    return None if t is None else (d.get("dom") or "", t)
 
 
 def unrolled_dot(dag: Graph) -> str:
@@ -116,27 +146,29 @@ def unrolled_dot(dag: Graph) -> str:
     view = variables_view(dag)
     lines = [f"digraph {quote(dag.graph['model'] + ' unrolled')} {{", "  rankdir=BT; newrank=true; nodesep=0.35;",
              '  node [fontname="Helvetica"]; edge [fontname="Helvetica", color="#555555"];']  # fmt: skip
-    rows: dict[str, list[tuple[int, int]]] = {}
-    steps: set[int] = set()
+    cols = {n: column(dag, n) for n in view.nodes}
+    # each time domain in columns of its own, left to right in the order the model computes them
+    doms = list(dict.fromkeys(c[0] for n, c in sorted(cols.items()) if c is not None))
+    key = {c: (doms.index(c[0]), c[1]) for c in cols.values() if c is not None}
+    ids = {c: f"step{i}_{c[1]}" for c, (i, _) in key.items()}
+    rows: dict[str, list[tuple[tuple[int, int], int]]] = {}
     for n in view.nodes:
         d = dag.nodes[n]
-        t = d.get("orig", (None, None))[1]
-        if t is None:
-            t = d["attrs"].get("t")
         label_ = "loss" if n == dag.graph.get("loss") else d["name"]
         style = STYLE["loss"] if n == dag.graph.get("loss") else STYLE.get(d["op"], STYLE["named"])
+        if d["op"] == "stack":  # every step s of a sequence, gathered once for attention
+            label_ = f"{(dag.nodes[operands(dag, n)[0][0]]['name'] or '').rsplit('.', 1)[-1]}[s]"
+            style = f'shape=box, style="rounded,bold", color="{BUNDLE}", fontcolor="{BUNDLE}"'
         lines.append(f"  n{n} [label={quote(label_)}, {style}];")
-        rows.setdefault(label_, []).append((t if t is not None else -1, n))
-        if t is not None:
-            steps.add(t)
-    for t in sorted(steps):  # a header row naming the steps
-        lines.append(f'  step{t} [label="t = {t}", shape=plaintext, fontcolor="#777777"];')
+        c = cols[n]
+        rows.setdefault(label_, []).append((key[c] if c is not None else (-1, -1), n))
+    steps = sorted(key, key=key.get)
+    for c in steps:  # a header row naming the steps (and their domain, where there are two)
+        text = f"{c[0]}: t = {c[1]}" if len(doms) > 1 else f"t = {c[1]}"
+        lines.append(f'  {ids[c]} [label="{text}", shape=plaintext, fontcolor="#777777"];')
     if steps:
-        lines.append("  { rank=same; " + " ".join(f"step{t};" for t in sorted(steps)) + " }")
-        lines += [
-            f"  step{a} -> step{b} [style=invis];"
-            for a, b in zip(sorted(steps), sorted(steps)[1:], strict=False)
-        ]
+        lines.append("  { rank=same; " + " ".join(f"{ids[c]};" for c in steps) + " }")
+        lines += [f"  {ids[a]} -> {ids[b]} [style=invis];" for a, b in itertools.pairwise(steps)]
     for members in rows.values():
         members.sort()
         if len(members) > 1:
@@ -146,17 +178,24 @@ def unrolled_dot(dag: Graph) -> str:
             ]
     # one row per variable, stacked in dataflow order; a step's nodes share a column
     order = sorted(rows.values(), key=lambda ms: min(n for _, n in ms))
-    below = {t: f"step{t}" for t in steps}
+    below = {key[c]: ids[c] for c in steps}
     for members in order:
-        for t, n in members:
-            if t in below:
-                lines.append(f"  {below[t]} -> n{n} [style=invis, weight=10];")
-                below[t] = f"n{n}"
+        for k, n in members:
+            if k in below:
+                lines.append(f"  {below[k]} -> n{n} [style=invis, weight=10];")
+                below[k] = f"n{n}"
     for u, v in view.edges:
-        tu = dag.nodes[u].get("orig", (None, None))[1]
-        tv = dag.nodes[v].get("orig", (None, None))[1]
-        across = tu is not None and tv is not None and tu != tv
-        style = ' [color="#c0392b", penwidth=1.6, constraint=false]' if across else ""
+        cu, cv = cols[u], cols[v]
+        if dag.nodes[u]["op"] == "stack":  # the bundle into each step that attends
+            style = f' [color="{BUNDLE}", penwidth=2.2, constraint=false]'
+        elif dag.nodes[v]["op"] == "stack":
+            style = f' [color="{BUNDLE}", style=dotted, arrowhead=none]'
+        elif cu is not None and cv is not None and cu[0] != cv[0]:  # one sequence into another
+            style = f' [color="{LINK}", penwidth=1.8, label="init", fontcolor="{LINK}", constraint=false]'
+        elif cu is not None and cv is not None and cu != cv:
+            style = ' [color="#c0392b", penwidth=1.6, constraint=false]'
+        else:
+            style = ""
         lines.append(f"  n{u} -> n{v}{style};")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -8,16 +8,28 @@ import math
 from . import syntax as S
 from .errors import RnncError, Span, UsageError
 from .graph import Graph, add_node, init_of, is_seq, label, operands, order, set_init
-from .ops import GLOBAL, OPS, STATIC, ShapeError, fmt_shape, rank
+from .ops import GLOBAL, OPS, STATIC, ShapeError, fmt_shape, pair_of, rank
+
+# ops that cannot take a value per step s: they mix steps t, draw masks, or end in a loss
+NOT_PER_S = {"dropout", "zoneout", "sample", "onehot", "batch", "sqerr", "impulse", "first", "last", "pairs"}
 
 MAX_DIM = 10**7  # one dimension
 MAX_PARAM = 2**31  # entries of one parameter (8 GiB in float32)
 
 
+class ClockError(ShapeError):
+    """Two sequence inputs' own clocks met: their lengths can differ."""
+
+    def __init__(self, a: str, b: str):
+        super().__init__(f"{a} and {b}")
+        self.clocks = (a, b)
+
+
 class Domains:
     """Union-find over time domains: ops that combine sequences must share their steps."""
 
-    def __init__(self, names: list[str] | None = None):
+    def __init__(self, names: list[str] | None = None, clocks: set[str] | None = None):
+        self.clocks = clocks or set()  # sequence inputs with steps of their own
         # a domain is named after the first input (then target) declared in it
         self.rank = {name: i for i, name in enumerate(names or [])}
         self.parent: dict[str, str] = {}
@@ -46,6 +58,8 @@ class Domains:
         ra, rb = self.find(a), self.find(b)
         if ra != rb and (ra in self.ancestry(rb) or rb in self.ancestry(ra)):
             raise ShapeError("combines a sequence with pairs() of itself: their lengths differ")
+        if ra != rb and ra in self.clocks and rb in self.clocks:
+            raise ClockError(ra, rb)
         if ra != rb:
             # keep the root named after an input if one side is
             halved_wins = rb in self.base and ra not in self.base
@@ -102,7 +116,8 @@ class ShapeSolver:
         self.g = g
         self.file = g.graph["file"]
         self.env: dict[str, int] = {}
-        self.dom = Domains([*g.graph["inputs"], *g.graph["targets"]])
+        clocks = {k for k, n in g.graph["inputs"].items() if g.nodes[n]["attrs"]["dom"] == k}
+        self.dom = Domains([*g.graph["inputs"], *g.graph["targets"]], clocks)
         self.bind_dims(dims or {})
 
     def err(self, msg, span: Span, hint=None, code="E301"):
@@ -243,6 +258,8 @@ class ShapeSolver:
             return STATIC
         if op == "impulse":
             return self.dom.find(d["attrs"]["dom"])
+        if op == "every":  # every step s of a sequence: one [S, ...] value per sequence
+            return None if levels[0] is None else STATIC
         if op == "pairs":
             if levels[0] is None:
                 return None
@@ -255,6 +272,8 @@ class ShapeSolver:
             for s in seqs[1:]:
                 try:
                     root = self.dom.union(root, s)
+                except ClockError as e:
+                    raise self.mixed_clocks(n, *e.clocks) from None
                 except ShapeError as e:
                     raise self.err(str(e), d["span"], code="E405") from None
             seqs = [root]
@@ -268,6 +287,26 @@ class ShapeSolver:
         if any(lv is None for lv in levels):
             return None
         return OPS[op].level(*levels, **d["attrs"])
+
+    def mixed_clocks(self, n: int, a: str, b: str) -> RnncError:
+        """A value read on another sequence's clock: the error names it and shows attention."""
+        g = self.g
+        ins = [u for u, _ in operands(g, n) if is_seq(self.level_of(u) or "")]
+
+        def on(clock: str) -> str:
+            u = next((u for u in ins if self.dom.find(self.level_of(u)) == clock), None)
+            if u is None:
+                return f"the steps of '{clock}'"
+            text = label(g, u) if OPS[g.nodes[u]["op"]].kind == "leaf" else describe(g, u)
+            return f"'{text}' (steps of '{clock}')"
+
+        return self.err(
+            f"combines {on(a)} with {on(b)}: the two inputs' lengths can differ",
+            g.nodes[n]["span"], code="E412",
+            hint=("to read every step s of a sequence e from each step of another, write e[s] and "
+                  "reduce over s: a = softmax(score, over=s), ctx = sum(a * e[s], over=s); if the two "
+                  f"inputs share their steps, declare `input {b} ... : sequence like {a}`"),
+        )  # fmt: skip
 
     # ----- the fixpoint -----
     def run(self) -> Graph:
@@ -392,10 +431,50 @@ class ShapeSolver:
                 b = add_node(g, "batch", [(init, 0)], None, g.nodes[init]["span"])
                 g.nodes[b].update(shape=g.nodes[init]["shape"], level=STATIC)
                 set_init(g, n, b)
+        self.pairs()
         for n in g.nodes:
             self.check_node(n)
         g.graph["domains"] = self.domain_table()
         g.graph["env"] = dict(self.env)
+
+    def pairs(self) -> None:
+        """Which values hold every step s of another sequence (attention), each in order: x[s]
+        starts one, a reduction over=s ends it; such a value is never a state or a loss."""
+        g = self.g
+        for n in order(g):
+            d = g.nodes[n]
+            ins = operands(g, n)
+            pairs = [g.nodes[u]["pair"] for u, _ in ins]
+            if d["op"] == "every":
+                lv = g.nodes[ins[0][0]]["level"]
+                if not is_seq(lv):
+                    raise self.err(f"'{label(g, ins[0][0])}' has one value per sequence: there are no steps s "
+                                   "to read", d["span"], hint="x[s] reads every step of a sequence", code="E403")  # fmt: skip
+                if pairs[0] is not None:
+                    raise self.err("reads every step s of a value that already holds every step s",
+                                   d["span"], hint="reduce it over=s first", code="E412")  # fmt: skip
+                d["attrs"]["over"] = lv
+            elif d["op"] in ("softmax_s", "sum_s"):
+                if pairs[0] is None:
+                    raise self.err(f"{'softmax' if d['op'] == 'softmax_s' else 'sum'}(..., over=s) of a value "
+                                   "that reads no x[s]: there are no steps s to reduce over", d["span"],
+                                   hint="a = softmax(score, over=s) where score reads e[s]", code="E412")  # fmt: skip
+                d["attrs"]["over"] = pairs[0]
+                d["attrs"]["causal"] = pairs[0] == d["level"]
+            elif any(p is not None for p in pairs) and (
+                OPS[d["op"]].kind != "pointwise" or d["op"] in NOT_PER_S or OPS[d["op"]].labels
+            ):
+                raise self.err(f"{describe(g, n)} of a value per step s of '{next(p for p in pairs if p)}'",
+                               d["span"], hint="reduce it over s first: sum(..., over=s)", code="E412")  # fmt: skip
+            try:
+                d["pair"] = pair_of(OPS[d["op"]], pairs, d["attrs"], d["level"])
+            except ShapeError as e:
+                raise self.err(str(e), d["span"], code="E412") from None
+        for u, v, e in g.edges(data=True):
+            if g.nodes[u]["pair"] is not None and e["delay"] != 0:
+                raise self.err(f"'{label(g, u)}' holds a value per step s of '{g.nodes[u]['pair']}': it "
+                               "cannot be read at another step t", g.nodes[v]["span"],
+                               hint="read what it reduces to: ctx = sum(a * e[s], over=s), then ctx[t-1]", code="E412")  # fmt: skip
 
     def check_node(self, n: int) -> None:
         g, d = self.g, self.g.nodes[n]

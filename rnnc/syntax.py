@@ -57,6 +57,15 @@ class TimeRef:
 
 
 @dataclass(frozen=True, slots=True)
+class Every:
+    """`name[s]`: every step s of a sequence, read from each step of another (attention); a
+    reduction `over=s` brings it back to one value per step."""
+
+    name: str
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Slice:
     """`expr[start:stop]` over the feature axis (gate slicing)."""
 
@@ -98,7 +107,7 @@ class Call:
     span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
-Expr = Num | Name | TimeRef | Slice | BinOp | Neg | Call
+Expr = Num | Name | TimeRef | Every | Slice | BinOp | Neg | Call
 
 
 # ----- Declarations and statements -----
@@ -123,6 +132,7 @@ class InputDecl:
     dims: tuple[DimExpr, ...]
     kind: str  # 'sequence' | 'static'
     span: Span = field(default=NOWHERE, compare=False, repr=False)
+    like: str | None = None  # `sequence like x`: on the clock of input x
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,9 @@ Each task yields batches as (inputs, targets, lengths) dicts laid out [T, B, ...
           target: the sum of the two marked values. Predicting 1 scores MSE 0.167.
   copy    copy memory: 10 symbols, a pause, a cue; then reproduce the symbols.
   reber   the embedded Reber grammar: predict the next symbol (variable lengths).
+  reverse sequence to sequence: a string of 1..T digits (input src) written backwards, then an
+          end token; the decoder reads a start token and its own previous outputs (tgt_in)
+          and predicts tgt_out. Source and target have lengths of their own.
   text    a character language model on a text file (default: Python's own documentation
           topics, pydoc_data, which every CPython carries).
   npz     the user's arrays: one per input and target, optional `<domain>.lengths`.
@@ -42,6 +45,26 @@ def copy_batch(rng, T: int, B: int, n: int = 10):
     y = np.full((total, B), COPY_SYMBOLS)
     y[n + T :] = seq
     return {"x": np.eye(COPY_SYMBOLS + 2)[x]}, {"y": y}, None
+
+
+DIGITS, START, END = 10, 10, 11  # tokens: 0..9, then the start and end marks (V = 12)
+
+
+def reverse_batch(rng, T: int, B: int):
+    """Digit strings of 1..T digits, one-hot; the target is the string reversed plus END,
+    fed to the decoder after START (teacher forcing)."""
+    L = rng.integers(1, T + 1, B)
+    digits = rng.integers(0, DIGITS, (T, B))
+    src = np.zeros((T, B, DIGITS + 2))
+    tgt_in = np.zeros((T + 1, B, DIGITS + 2))
+    tgt_out = np.zeros((T + 1, B), dtype=np.int64)
+    for b in range(B):
+        s = digits[: L[b], b]
+        src[np.arange(L[b]), b, s] = 1
+        out = [*s[::-1], END]
+        tgt_out[: L[b] + 1, b] = out
+        tgt_in[np.arange(L[b] + 1), b, [START, *out[:-1]]] = 1
+    return {"src": src, "tgt_in": tgt_in}, {"tgt_out": tgt_out}, {"src": L, "tgt_in": L + 1}
 
 
 REBER = "BTSXPVE"

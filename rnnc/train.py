@@ -283,18 +283,18 @@ def load_carry(arrays: dict, m: Model, path: str, dtype, settings: dict | None):
 
 
 class Task:
-    """A built-in task (adding, copy, reber, text): fresh batches from the run's generator."""
+    """A built-in task (adding, copy, reber, reverse, text): fresh batches from the run's generator."""
 
     DEFAULTS: ClassVar[dict[str, tuple[int, int, float]]] = {  # task: (T, steps, learning rate)
         "adding": (50, 1200, 1e-2), "copy": (20, 2000, 3e-3), "reber": (0, 1500, 1e-2),
-        "text": (64, 600, 3e-3),
+        "text": (64, 600, 3e-3), "reverse": (12, 3000, 3e-3),
     }  # fmt: skip
     REBER_STEPS = 60  # embedded Reber strings are rarely longer (the memory estimate's length)
 
     def __init__(self, name: str, batch: int = 32, seq_len: int | None = None,
                  text: str | None = None):  # fmt: skip
         if name not in self.DEFAULTS:
-            raise UsageError(f"no task '{name}': adding, copy, reber or text", code="E501")
+            raise UsageError(f"no task '{name}': adding, copy, reber, reverse or text", code="E501")
         self.name, self.B = name, batch
         self.T = seq_len or self.DEFAULTS[name][0]
         self.text = None
@@ -312,10 +312,11 @@ class Task:
     def dims(self) -> dict[str, int]:
         """Dims the task fixes: the vocabulary of the text, the symbols of copy and Reber."""
         return {"text": {"V": self.text.vocab} if self.text else {}, "copy": {"V": tasks.COPY_SYMBOLS + 2},
-                "reber": {"V": len(tasks.REBER)}}.get(self.name, {})  # fmt: skip
+                "reber": {"V": len(tasks.REBER)},
+                "reverse": {"S": tasks.DIGITS + 2, "V": tasks.DIGITS + 2}}.get(self.name, {})  # fmt: skip
 
     def longest(self) -> int:
-        return self.T if self.name != "reber" else self.REBER_STEPS
+        return {"reber": self.REBER_STEPS, "reverse": self.T + 1}.get(self.name, self.T)
 
     def batch(self, rng, s: State | None = None) -> Batch:
         if self.name == "adding":
@@ -325,6 +326,8 @@ class Task:
         if self.name == "reber":
             ins, tgs, L = tasks.reber_batch(rng, self.B)
             return ins, tgs, {"x": L}
+        if self.name == "reverse":
+            return tasks.reverse_batch(rng, self.T, self.B)
         return self.text_batch(rng, s)
 
     def validation(self, rng) -> Batch:

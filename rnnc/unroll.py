@@ -42,7 +42,8 @@ def unroll(g: Graph, T: dict[str, int], masked: bool = False, carried: bool = Fa
         for t in copy_steps(n):
             c = add_node(dag, "identity", (), d["name"], d["span"])
             dag.nodes[c].update(shape=d["shape"], level=STATIC if t is not None else d["level"],
-                                classes=d["classes"], orig=(n, t))  # fmt: skip
+                                classes=d["classes"], pair=d["pair"], orig=(n, t),
+                                dom=d["level"] if t is not None else None)  # fmt: skip
             copies[(n, t)] = c
     carries: dict[tuple[int, int], int] = {}
 
@@ -96,6 +97,11 @@ def unroll(g: Graph, T: dict[str, int], masked: bool = False, carried: bool = Fa
             if t == 0 and not carried:
                 return "identity", {}, [read(ins[0][0], None, 0)]
             return "zeros", {"shape": d["shape"]}, []
+        if op == "every":  # every step s, stacked: [S, B, ...]
+            u = ins[0][0]
+            return "stack", attrs, [copies[(u, s)] for s in range(steps[g.nodes[u]["level"]])]
+        if op in ("softmax_s", "sum_s", "bcast_s") and attrs.get("causal"):
+            attrs["t"] = t  # s <= t
         if op == "pairs":
             u = ins[0][0]
             assert t is not None

@@ -10,7 +10,7 @@ from rnnc.interpret import interpret, outputs
 from rnnc.unroll import unroll
 
 # dims small enough that central differences over whole tensors stay quick
-SMALL = {"V": 5, "H": 4, "K": 3, "F": 4, "S": 4}
+SMALL = {"V": 5, "H": 4, "K": 3, "F": 4, "S": 4, "A": 3}
 
 
 def small_dims(path: str) -> dict[str, int]:

@@ -43,3 +43,17 @@ def test_custom_cell_workers_agree_with_the_pytorch_loop(system):
     rows = [json.loads(line) for line in p.stdout.splitlines()]
     assert [r["mode"] for r in rows] == ["forward", "training"]
     assert all(r["err"] < 1e-5 for r in rows), rows
+
+
+def test_attention_experiment_runs_and_writes_its_table(tmp_path):
+    """bench/attention_experiment.py at a toy budget: three models trained, decoded greedily
+    and by beam search, a table per method and the numbers as JSON."""
+    out = tmp_path / "a.json"
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "attention_experiment.py"), "--steps", "3", "--per", "2",
+                        "--max-len", "3", "--hidden", "8", "--out", str(out)], capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "| model | 1 | 2 | 3 | all |" in p.stdout and "beam search, width 4:" in p.stdout
+    rows = json.loads(out.read_text())["results"]
+    assert [r["name"] for r in rows] == ["plain", "additive", "dot"]
+    assert all(0 <= acc <= 1 for r in rows for m in ("greedy", "beam") for acc in r[m].values())

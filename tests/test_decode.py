@@ -169,3 +169,62 @@ def test_beam_search_stops_once_finished_texts_outrank_the_live_ones(monkeypatch
     toks = out.tokens[0]
     o = full_pass(m, p, np.array([1, *toks[:-1]])[:, None], 4)[:, 0]
     assert abs(out.scores[0] - np.log(o[np.arange(len(toks)), toks]).sum()) < 1e-12
+
+
+@pytest.mark.parametrize("spec", ["attention_additive", "attention_dot"])
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_an_encoder_decoder_decodes_step_by_step_as_the_full_pass(spec, method):
+    """Encoder-decoders with attention: the source (with its own lengths) comes with every
+    step, only the decoder's state is carried; each step's distribution equals the full
+    forward pass's on the decoded prefix, and beam search with a width that prunes nothing
+    finds the exhaustive best."""
+    m, p = model(os.path.join(ROOT, "specs", f"{spec}.rnn"), {"S": 3, "V": 3, "H": 4, "A": 2}
+                 if "additive" in spec else {"S": 3, "V": 3, "H": 4})  # fmt: skip
+    rng = np.random.default_rng(2)
+    src, L = rng.normal(size=(5, 2, 3)), {"src": np.array([5, 2])}
+    prime = np.array([[1], [2]])
+
+    def full(tokens, rows=slice(None)):
+        x = {"tgt_in": np.eye(3)[tokens], "src": src[:, rows]}
+        return m.forward(p, x, lengths={"src": L["src"][rows], "tgt_in": np.full(tokens.shape[1], len(tokens))})["p"]
+
+    if method == "greedy":
+        out = decode(m, p, 4, prime, static={"src": src}, lengths=L, method="greedy")
+        tokens = np.concatenate([prime, np.array(out.tokens)], axis=1)
+        o = full(tokens[:, :-1].T)
+        assert rel(np.array(out.probs), o) < 1e-12
+        assert (np.argmax(o, axis=-1) == np.array(out.tokens).T).all()
+        return
+    for b in range(2):
+        best, best_lp = None, -np.inf
+        for seq in itertools.product(range(3), repeat=3):
+            tokens = np.array([prime[b, 0], *seq])
+            o = full(tokens[:-1, None], slice(b, b + 1))[:, 0]
+            lp = np.log(o[np.arange(3), seq]).sum()
+            if lp > best_lp:
+                best, best_lp = list(seq), lp
+        got = decode(m, p, 3, prime[b : b + 1], static={"src": src[:, b : b + 1]}, lengths={"src": L["src"][b : b + 1]},
+                     method="beam", width=9)  # fmt: skip
+        assert got.tokens[0] == best and abs(got.scores[0] - best_lp) < 1e-12
+
+
+class Scripted:
+    """A stepper whose next-token distribution depends on the last token only: after 0 (the
+    prime) it is almost surely 1, after 1 almost surely the end token 2."""
+
+    def __call__(self, tokens):
+        table = {0: [0.01, 0.98, 0.01], 1: [0.004, 0.006, 0.99], 2: [1 / 3] * 3}
+        return np.array([table[int(t)] for t in tokens[-1]])
+
+    def keep(self, rows):
+        pass
+
+
+def test_beam_search_never_returns_a_prefix_of_a_finished_sequence():
+    """When every live beam ends at once, the answer is the best finished sequence (with its
+    end token), not the unextended prefix of the step before (whose score is higher only
+    because it lacks the end token's log-probability)."""
+    from rnnc.decode import beam
+
+    tokens, score = beam(Scripted(), 5, np.array([0]), width=2, end=2, alpha=0.0)
+    assert tokens == [1, 2] and abs(score - np.log(0.98 * 0.99)) < 1e-12

@@ -173,7 +173,7 @@ def test_return_carry_is_each_sequence_state_at_its_length(spec):
 TWO_INPUTS = """model m {
   dim H = 3
   input a[H] : sequence
-  input b[H] : sequence
+  input b[H] : sequence like a
   target y[H] : sequence
   param W[H, H]
   h = tanh(b + W @ h[t-1])

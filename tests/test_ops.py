@@ -19,7 +19,10 @@ SHAPES = {
     "last": [(3,)], "impulse": [(3,)], "select_valid": [(3,), (3,)],
     "loss_step": [()], "on_first": [(3,), (3,)], "on_last": [(3,), (3,)],
     "pick_last": [(3,)] * 4, "loss_spread": [(), ()], "unpairs": [(6,), (3,)],
+    "stack": [(3,)] * 4, "bcast_s": [(3,), (3,)],
 }  # fmt: skip
+# attention: operands holding every step s of sequence x ([S, B, ...] with S = T)
+PAIRS = {"sum_s": ["x"], "softmax_s": ["x"], "bcast_s": [None, "x"], "unstack": ["x"], "unevery": ["x"]}
 ATTRS = {
     "slice": {"start": 1, "stop": 4, "axis": -1}, "slice_rows": {"start": 1, "stop": 3},
     "pad": {"start": 1, "n": 5, "axis": -1}, "concat": {"axis": -1}, "loss_reduce": {"mode": "sum", "dom": "x"},
@@ -27,21 +30,23 @@ ATTRS = {
     "select_valid": {"t": 2, "s": 1, "dom": "x"}, "pick_last": {"dom": "x"},
     "loss_step": {"t": 1, "mode": "mean", "dom": "x"}, "reduce_to": {"keep": 1, "level": GLOBAL},
     "elu": {"alpha": 1.0}, "leaky_relu": {"alpha": 0.01}, "on_first": {"dom": "x"},
-    "on_last": {"dom": "x"},
+    "on_last": {"dom": "x"}, "every": {"over": "x"}, "stack": {"over": "x"}, "unevery": {"over": "x"},
+    "sum_s": {"over": "x"}, "bcast_s": {"over": "x"}, "softmax_s": {"over": "x", "causal": True, "t": 2},
 }  # fmt: skip
 # a mask with one short sequence, so masked ops are tested where it matters
 MASK = np.array([[True, True, True], [True, True, True], [True, False, True], [True, False, True]])
 LEVELS = {  # operand levels, where not one step of a sequence (STATIC)
     "matmul": [GLOBAL, STATIC], "matmul_t": [GLOBAL, STATIC], "last": ["x"], "first": ["x"],
     "pairs": ["x"], "loss_reduce": ["x"], "on_first": [STATIC, "x"], "on_last": [STATIC, "x"],
-    "batch": [GLOBAL],
+    "batch": [GLOBAL], "every": ["x"],
 }  # fmt: skip
 DIFFERENTIABLE = sorted(n for n, op in OPS.items() if op.vjp is not None and op.kind != "leaf")
 T, B = 4, 3
 
 
-def sample(rng, shape, level, domain, classes=False):
+def sample(rng, shape, level, domain, classes=False, pair=None):
     lead = (T, B) if level not in (GLOBAL, STATIC) else (B,) if level == STATIC else ()
+    lead = (T, *lead) if pair else lead
     if classes:
         return rng.integers(0, shape[0], size=lead)
     x = rng.normal(size=lead + tuple(shape))
@@ -65,6 +70,7 @@ def build(name):
         n = add_op(g, "input", (), f"a{i}", dom=lv)
         g.nodes[n]["shape"], g.nodes[n]["level"] = shape, lv
         g.nodes[n]["classes"] = op.labels and i == 1
+        g.nodes[n]["pair"] = PAIRS.get(name, [None] * len(shapes))[i]
         leaves.append(n)
     out = add_op(g, name, [(n, 0) for n in leaves], **{**op.attrs, **ATTRS.get(name, {})})
     return g, leaves, out
@@ -82,11 +88,12 @@ def evaluate(g, n, values):
             for i, (u, _) in enumerate(ins)]  # fmt: skip
     dom = d["attrs"].get("dom") or "x"
     ctx = {"M": "M", "T": str(T), "t": d["attrs"].get("t", 0), "B": str(B), "dt": "np.float64",
-           "rng": "rng", "n": d["shape"][-1] if d["shape"] else 1, "carried": "False"}  # fmt: skip
+           "rng": "rng", "n": d["shape"][-1] if d["shape"] else 1, "carried": "False",
+           "Mo": "M", "r": len(d["shape"])}  # fmt: skip
     del dom
     text = render(OPS[d["op"]], args, d["attrs"], ctx)
     ns = {k: getattr(kernels, k) for k in dir(kernels) if not k.startswith("_")}
-    ns.update(np=np, rng=np.random.default_rng(0), temperature=1.0, M=MASK)
+    ns.update(np=np, rng=np.random.default_rng(0), M=MASK)
     local = {f"a{i}": evaluate(g, u, values) for i, (u, _) in enumerate(ins)}
     return eval(text, ns, local)
 
@@ -104,12 +111,13 @@ def test_vjp_matches_central_differences(name):
     rng = np.random.default_rng(0)
     g, leaves, out = build(name)
     op = OPS[name]
-    values = {n: sample(rng, g.nodes[n]["shape"], g.nodes[n]["level"], op.domain, g.nodes[n]["classes"])
-              for n in leaves}  # fmt: skip
+    values = {n: sample(rng, g.nodes[n]["shape"], g.nodes[n]["level"], op.domain, g.nodes[n]["classes"],
+                        g.nodes[n]["pair"]) for n in leaves}  # fmt: skip
     y = evaluate(g, out, values)
     cot = rng.normal(size=np.shape(y))
     gnode = add_op(g, "input", (), "g", dom=g.nodes[out]["level"])
     g.nodes[gnode]["shape"], g.nodes[gnode]["level"] = g.nodes[out]["shape"], g.nodes[out]["level"]
+    g.nodes[gnode]["pair"] = g.nodes[out]["pair"]
     values[gnode] = cot
     cts = op.vjp(Sym(g, gnode), Sym(g, out), *(Sym(g, n) for n in leaves), **g.nodes[out]["attrs"])
     values[out] = y

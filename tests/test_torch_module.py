@@ -98,7 +98,7 @@ def test_trains_in_a_pytorch_loop_like_nn_lstm():
 def test_a_model_with_two_inputs_or_no_such_output_is_refused():
     with pytest.raises(RnncError, match="no output 'z'"):
         rt.Module(LSTM_SPEC, output="z")
-    two = LSTM_SPEC.replace("  input x[I] : sequence\n", "  input x[I] : sequence\n  input q[I] : sequence\n") \
+    two = LSTM_SPEC.replace("  input x[I] : sequence\n", "  input x[I] : sequence\n  input q[I] : sequence like x\n") \
         .replace("LSTM(x, H=H)", "LSTM(x + q, H=H)")  # fmt: skip
     with pytest.raises(RnncError, match="one input sequence"):
         rt.Module(two)
