@@ -399,13 +399,17 @@ def read_text(path: str) -> str:
 
 
 def cmd_generate(a) -> int:
-    """`rnnc run --generate N`: sample from a model trained on text (its checkpoint)."""
+    """`rnnc run --generate N`: sample from a model trained on text (its checkpoint), or decode
+    token ids from any model with a generate rule (--params, other inputs in --data)."""
     from .compiler import compile_spec
     from .files import load_arrays
     from .train import charset, checkpoint_meta, generate, load_checkpoint, meta_field
 
+    if a.params:
+        return cmd_decode_tokens(a)
     if not a.checkpoint or not os.path.exists(a.checkpoint):
-        raise UsageError("--generate needs --checkpoint FILE from a text training run", code="E501")
+        raise UsageError("--generate needs --checkpoint FILE from a text training run, or --params FILE "
+                         "(token ids: --prime 10, other inputs in --data)", code="E501")  # fmt: skip
     info = checkpoint_meta(load_arrays(a.checkpoint, "checkpoint"), a.checkpoint)
     if "chars" not in info:
         raise RnncError(
@@ -424,6 +428,42 @@ def cmd_generate(a) -> int:
     s = load_checkpoint(a.checkpoint, m, np.float64, meta).on(m.xp)
     print(generate(m, s.params, chars, a.generate, a.prime, a.temperature, a.seed, a.decode, a.top_k,
                    a.beam_width, a.end, a.length_alpha))  # fmt: skip
+    return 0
+
+
+def cmd_decode_tokens(a) -> int:
+    """--generate N --params P: decode token ids after --prime (ids, e.g. "10" or "3,1,4") for
+    every sequence of --data, which holds the model's other inputs (an image's features, an
+    encoder's source with `<domain>.lengths`); one line per sequence."""
+    from .compiler import compile_spec
+    from .data import check_lengths, check_values, load_params
+    from .decode import decode, generate_rule
+    from .files import load_arrays
+
+    m = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model, target=a.target)
+    x, _, V = generate_rule(m)
+    try:
+        prime = [int(t) for t in a.prime.replace(",", " ").split()]
+        end = None if a.end is None else int(a.end)
+    except ValueError:
+        raise UsageError(f"--prime and --end take token ids for this model (0..{V - 1}), e.g. --prime 10",
+                         code="E501") from None  # fmt: skip
+    if not prime:
+        raise UsageError(f"decoding '{x}' needs --prime: the token ids it starts from, e.g. --prime 0",
+                         code="E501")  # fmt: skip
+    table = {k: v for k, v in m.inputs.items() if k != x}
+    arrays = load_arrays(a.data, "data file") if a.data else {}
+    if table and not a.data:
+        raise UsageError(f"the model's other inputs ({', '.join(table)}) come in --data FILE.npz", code="E501")
+    given = check_values(arrays, table, "input", a.data, np.float64) if table else {}
+    lengths = check_lengths(arrays, given, table, a.data) if table else None
+    B = next((v.shape[0] if table[k][1] == "static" else v.shape[1] for k, v in given.items()), 1)
+    params = load_params(a.params, m, np.float64)
+    out = decode(m, params, a.generate, [prime] * B, static=given, lengths=lengths, method=a.decode,
+                 temperature=a.temperature, top_k=a.top_k, width=a.beam_width, end=end,
+                 alpha=a.length_alpha, seed=a.seed)  # fmt: skip
+    for b, (tokens, score) in enumerate(zip(out.tokens, out.scores, strict=True)):
+        print(f"{b}: {' '.join(map(str, tokens))}  (log-probability {score:.6g})")
     return 0
 
 
@@ -698,7 +738,7 @@ def add_training_args(c: argparse.ArgumentParser) -> None:
                    "checkpoint's")  # fmt: skip
     c.add_argument("--plot", help="draw training and validation loss to this PNG")
     c.add_argument("--log", help="append metrics as JSON lines")
-    c.add_argument("--prime", default="", help="text to start generation from")
+    c.add_argument("--prime", default="", help="text to start generation from (with --params: token ids)")
     c.add_argument("--temperature", type=positive_float, default=1.0)
     c.add_argument("--decode", choices=["sample", "greedy", "beam"], default="sample",
                    help="--generate: sample (--temperature, --top-k), the likeliest character "

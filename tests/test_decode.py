@@ -228,3 +228,48 @@ def test_beam_search_never_returns_a_prefix_of_a_finished_sequence():
 
     tokens, score = beam(Scripted(), 5, np.array([0]), width=2, end=2, alpha=0.0)
     assert tokens == [1, 2] and abs(score - np.log(0.98 * 0.99)) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["encoder-decoder", "captioning"])
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_the_command_line_decodes_token_models_as_the_python_api(tmp_path, capsys, kind, method):
+    """`rnnc run --generate N --params P --data D --prime IDS`: the other inputs (an encoder's
+    source with its lengths, an image's features) come from --data; one line per sequence."""
+    from rnnc.cli import main
+    from rnnc.files import save_arrays
+
+    rng = np.random.default_rng(3)
+    if kind == "captioning":
+        spec, dims = tmp_path / "c.rnn", []
+        spec.write_text(CAPTION)
+        given, lengths = {"img": rng.normal(size=(3, 3))}, None
+    else:
+        spec, dims = os.path.join(ROOT, "specs", "attention_additive.rnn"), ["S=4", "V=5", "H=6", "A=3"]
+        given, lengths = {"src": rng.normal(size=(5, 3, 4))}, {"src": np.array([5, 2, 3])}
+    flags = [f for d in dims for f in ("--dim", d)]
+    m, p = model(str(spec), {k: int(v) for k, v in (d.split("=") for d in dims)} or None)
+    save_arrays(str(tmp_path / "p.npz"), p)
+    save_arrays(str(tmp_path / "d.npz"), {**given, **({"src.lengths": lengths["src"]} if lengths else {})})
+    want = decode(m, p, 4, [[1, 2]] * 3, static=given, lengths=lengths, method=method, width=3, end=4)
+    code = main(["run", str(spec), *flags, "--params", str(tmp_path / "p.npz"), "--data", str(tmp_path / "d.npz"),
+                 "--generate", "4", "--prime", "1,2", "--decode", method, "--beam-width", "3", "--end", "4"])  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert [line.split("  (")[0] for line in out] == [f"{b}: {' '.join(map(str, t))}" for b, t in enumerate(want.tokens)]
+    assert all(f"(log-probability {s:.6g})" in line for line, s in zip(out, want.scores, strict=True))
+
+
+def test_the_command_line_says_what_token_decoding_needs(tmp_path, capsys):
+    from rnnc.cli import main
+    from rnnc.files import save_arrays
+
+    spec = os.path.join(ROOT, "specs", "attention_additive.rnn")
+    _, p = model(spec)
+    save_arrays(str(tmp_path / "p.npz"), p)
+    base = ["run", spec, "--params", str(tmp_path / "p.npz"), "--generate", "3"]
+    assert main([*base, "--prime", "1"]) == 2
+    assert "the model's other inputs (src) come in --data FILE.npz" in capsys.readouterr().err
+    assert main([*base, "--prime", "x"]) == 2
+    assert "--prime and --end take token ids for this model (0..23)" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "decoding 'tgt_in' needs --prime" in capsys.readouterr().err
