@@ -278,3 +278,42 @@ def models(draw):
             "lengths": draw(st.booleans()), "seed": draw(st.integers(0, 2**16)),
             "windows": forward_only}  # fmt: skip
     return text, opts
+
+
+@st.composite
+def attention_models(draw):
+    """A random encoder-decoder with attention, as text: an encoder recurrence running either
+    way over `src`; a score additive (Bahdanau), dot or general (Luong), from the decoder's
+    previous state (its context feeds the decoder: input feeding) or from its current state
+    (the context feeds the output only); values projected or not; sometimes also causal
+    self-attention over the target's own steps. Source and target have clocks of their own.
+
+    Returns (text, options): Ts (steps of src and of tgt), B, lengths, seed."""
+    back = draw(st.booleans())
+    enc = f"tanh(We @ src + Ue @ e[t{'+' if back else '-'}1] + be)"
+    score = draw(st.sampled_from(["additive", "dot", "general"]))
+    feed = draw(st.booleans())  # the context feeds the decoder's next step (else the head only)
+    q = "d[t-1]" if feed else "d"
+    s = {"additive": f"sum(va * tanh(Wa @ e[s] + Ua @ {q}))", "dot": f"sum({q} * e[s])",
+         "general": f"sum({q} * (Wa @ e[s]))"}[score]  # fmt: skip
+    value = draw(st.sampled_from(["e[s]", "(Wv @ e[s])"]))
+    d_in = "Wd @ tgt + Ud @ d[t-1] + bd" + (" + Wc @ ctx[t-1]" if feed else "")
+    selfatt = draw(st.booleans())
+    lines = [
+        f"  dim H = {draw(st.integers(1, 3))}, I = {draw(st.integers(1, 3))}, A = {draw(st.integers(1, 3))}, K = 2",
+        "  input src[I] : sequence", "  input tgt[I] : sequence", "  target y[K] : sequence",
+        "  param We[H, I], Ue[H, H], be[H], Wd[H, I], Ud[H, H], bd[H], Wc[H, H], Wv[H, H]",
+        "  param va[A], Wa[" + ("A" if score == "additive" else "H") + ", H], Ua[A, H], Wy[K, 3 * H], by[K]",
+        "  param Wq[H, I], Wk[H, I]",
+        f"  e = {enc}",
+        f"  a = softmax({s}, over=s)",
+        f"  ctx = sum(a * {value}, over=s)",
+        f"  d = tanh({d_in})",
+    ]  # fmt: skip
+    if selfatt:  # causal: each target step over the target's steps s <= t
+        lines += ["  k = Wk @ tgt", "  self = sum(softmax(sum(tanh(Wq @ tgt) * k[s]), over=s) * k[s], over=s)"]
+    lines.append(f"  loss = mse(Wy @ concat(d, ctx, {'self' if selfatt else 'd'}) + by, y)")
+    text = "model att {\n" + "\n".join(lines) + "\n}\n"
+    Ts = {"src": draw(st.integers(1, 5)), "tgt": draw(st.integers(1, 4))}
+    return text, {"Ts": Ts, "B": draw(st.integers(1, 3)), "lengths": draw(st.booleans()),
+                  "seed": draw(st.integers(0, 2**16))}  # fmt: skip

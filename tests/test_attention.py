@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import finite_diff, reference, rel, small_dims
+from helpers import finite_diff, grad_scale, reference, rel, small_dims
+from hypothesis import given, settings
+from strategies import attention_models
 
 from rnnc import kernels
 from rnnc.compiler import compile_spec, front
@@ -360,3 +362,27 @@ def test_the_memory_estimate_counts_every_step_s(name):
     finally:
         tracemalloc.stop()
     assert 0.8 <= peak / estimate(m, 40, 16, np.float32).activations <= 1.6
+
+
+@settings(max_examples=30)
+@given(attention_models())
+def test_random_attention_models_compiled_equals_reference_and_central_differences(case):
+    """The trust issue's generator with attention: random encoder-decoders (additive, dot and
+    general scores, input feeding or not, projected values, causal self-attention), source and
+    target of different lengths, each with lengths of its own."""
+    text, opt = case
+    m = compile_spec(text)
+    params, inputs, targets, L = data(m, opt["Ts"], opt["B"], opt["seed"], opt["lengths"])
+    ref_loss, ref_grads, _ = reference(m.graph, opt["Ts"], params, inputs, targets, L)
+    loss, grads = m.loss_and_grads(params, inputs, targets, lengths=L, with_inputs=True)
+    assert abs(loss - ref_loss) <= 1e-10 * max(abs(ref_loss), 1e-300)
+    floor = 1e-6 * grad_scale(ref_grads)
+    for k, g in ref_grads.items():
+        assert rel(grads[k], g, floor) < 1e-10, k
+    rng = np.random.default_rng(opt["seed"])
+    for k in params:
+        entries = sorted(rng.choice(params[k].size, min(params[k].size, 3), replace=False))
+        num, idx = finite_diff(m, params, inputs, targets, k, L=L, entries=entries)
+        ana = np.asarray(grads[k]).reshape(-1)[idx]
+        scale = max(np.linalg.norm(num), np.linalg.norm(ana), 1e-3 * abs(loss))
+        assert np.linalg.norm(ana - num) / scale < 1e-6, k
