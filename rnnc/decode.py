@@ -10,7 +10,8 @@ A step feeds the previous token (one-hot) to the model with the state carried fr
 before (`forward(..., carry=..., return_carry=True)`, as truncated BPTT windows do), so the
 distribution a step sees equals the full forward pass's on the decoded prefix. Static inputs
 (an image's features for captioning) are passed at every step; the model's `first(...)`
-reads them at the very first step only, as in training."""
+reads them at the very first step only, as in training. An encoder-decoder is encoded once:
+the model is cut where the decoder reads the encoder, and each step runs the decoder alone."""
 
 from __future__ import annotations
 
@@ -60,27 +61,110 @@ def generate_rule(m: Model) -> tuple[str, str, int]:
     return x_name, sampled_output(m, x_name), m.inputs[x_name][0][0]
 
 
+@dataclass
+class Split:
+    """A model cut where its decoder reads the rest: `encoder` computes, once per batch, the
+    values the decoder reads (an encoder's states for attention, its final state), named
+    `cut`; `step` is the decoder alone, reading them as inputs (it recomputes only the
+    loop-invariant work on them, such as attention's keys: no encoder loop)."""
+
+    encoder: Model
+    step: Model
+    cut: dict[str, str]  # the step model's input name -> its domain ('static' or a domain)
+
+
+def split(m: Model, x: str) -> Split:
+    """Cut m between what depends on its generated input x's time domain and what does not."""
+    import networkx as nx
+
+    from .graph import add_node, copy_graph, forward_outputs, label
+    from .load import load_source
+    from .lower import lower
+    from .ops import GLOBAL, OPS, STATIC
+    from .schedule import schedule
+
+    g = m.graph
+    dom = g.nodes[g.graph["inputs"][x]]["level"]
+    decoder = set().union(*({n} | nx.descendants(g, n) for n, d in g.nodes(data=True) if d["level"] == dom))
+    frontier = {u for u in g if u not in decoder and OPS[g.nodes[u]["op"]].kind != "leaf"
+                and g.nodes[u]["level"] != GLOBAL  # (weights packed from params: the step's own)
+                and any(v in decoder for v in g.successors(u))}  # fmt: skip
+    cut: set[int] = set()
+    for u in frontier:  # a value per step s (attention) is cut at the sequence it reads
+        if g.nodes[u]["pair"]:
+            cut |= {w for e in nx.ancestors(g, u) | {u} if g.nodes[e]["op"] == "every" for w in g.predecessors(e)}
+        else:
+            cut.add(u)
+    names = {u: (g.nodes[u]["name"] or f"{label(g, next(g.predecessors(u)))}.{g.nodes[u]['op']}") for u in cut}
+    enc_plan = schedule(g, {names[u]: u for u in cut})
+    encoder = Model(m.program, g, None, {"forward": enc_plan},
+                    src := lower(g, {"forward": enc_plan}, g.graph["file"], m.target),
+                    load_source(src, "rnnc_" + g.graph["model"] + "_encoder"), m.target)  # fmt: skip
+    h = copy_graph(g)
+    for u in cut:  # each cut value becomes an input of the step model
+        d = g.nodes[u]
+        leaf = add_node(h, "input", (), names[u], d["span"], name=names[u], dom=d["level"])
+        h.nodes[leaf].update(shape=d["shape"], level=d["level"], classes=d["classes"])
+        for _, v, key, e in list(h.out_edges(u, keys=True, data=True)):
+            h.add_edge(leaf, v, **e)
+            h.remove_edge(u, v, key)
+    wanted = {k: n for k, n in forward_outputs(h).items() if n in decoder}
+    keep = set().union(*({n} | nx.ancestors(h, n) for n in wanted.values()))
+    h.remove_nodes_from([n for n in list(h) if n not in keep])
+    h.graph.update(loss=None, targets={}, outputs=wanted)
+    h.graph["inputs"] = {k: n for k, n in {**h.graph["inputs"], **{names[u]: n for n in h for u in cut
+                         if h.nodes[n]["name"] == names[u] and h.nodes[n]["op"] == "input"}}.items() if n in h}  # fmt: skip
+    for kind in ("params", "masks"):
+        h.graph[kind] = {k: n for k, n in h.graph.get(kind, {}).items() if n in h}
+    h.graph["domains"] = {
+        dm: {**info, "inputs": [k for k, n in h.graph["inputs"].items() if h.nodes[n]["level"] == dm]}
+        for dm, info in g.graph["domains"].items()
+        if any(h.nodes[n]["level"] == dm for n in h.graph["inputs"].values())
+    }
+    step_plan = schedule(h, wanted)
+    step = Model(m.program, h, None, {"forward": step_plan},
+                 src := lower(h, {"forward": step_plan}, g.graph["file"], m.target),
+                 load_source(src, "rnnc_" + g.graph["model"] + "_step"), m.target)  # fmt: skip
+    levels = {names[u]: (STATIC if g.nodes[u]["level"] == STATIC else g.nodes[u]["level"]) for u in cut}
+    return Split(encoder, step, levels)
+
+
 class Stepper:
     """The model one step (or one prime) at a time, its state carried between calls. The
     other inputs (`given`) come with every call: static ones ([B, ...], an image's features)
     and sequences of other clocks ([S, B, ...], an encoder's source, with their `lengths`);
-    only the decoder's own states are carried, so an encoder runs from its start each call."""
+    with the latter the model is split (`split`): the encoder runs once, at the start, and
+    each call runs the decoder alone on the encoder's values, carrying the decoder's state."""
 
     def __init__(self, m: Model, params: dict, given: dict | None, lengths: dict | None = None):
         self.m, self.params = m, params
         self.x, self.o, self.V = generate_rule(m)
         self.given = {k: np.asarray(v) for k, v in (given or {}).items()}
-        self.seqs = {k for k in self.given if m.inputs[k][1] != "static"}
         self.lengths = {k: np.asarray(v) for k, v in (lengths or {}).items()}
         dom = m.inputs[self.x][1]
         self.own = {d["name"] for _, d in m.graph.nodes(data=True) if d["name"] and d["level"] == dom}
         self.carry: dict | None = None
+        self.model = m
+        if any(m.inputs[k][1] != "static" for k in self.given):  # an encoder: run it once
+            self.encode()
+        self.seqs = {k for k in self.given if self.model.inputs[k][1] != "static"}
+
+    def encode(self) -> None:
+        """The encoder once for the whole batch; each step then runs the decoder alone."""
+        parts = getattr(self.m, "_split", None)
+        if parts is None:
+            parts = self.m._split = split(self.m, self.x)
+        B = next(v.shape[1] if self.m.inputs[k][1] != "static" else v.shape[0] for k, v in self.given.items())
+        dummy = {self.x: np.zeros((1, B, self.V))}  # (the encoder reads no target token)
+        enc = parts.encoder.forward(self.params, {**self.given, **dummy}, lengths=self.lengths or None)
+        self.given = {k: v for k, v in {**self.given, **enc}.items() if k in parts.step.inputs}
+        self.model = parts.step
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         """tokens [T, B] -> the distribution after the last of them, [B, V] (float64)."""
         x = np.eye(self.V)[tokens]
-        out, carry = self.m.forward(self.params, {self.x: x, **self.given}, lengths=self.lengths or None,
-                                    carry=self.carry, return_carry=True)  # fmt: skip
+        out, carry = self.model.forward(self.params, {self.x: x, **self.given}, lengths=self.lengths or None,
+                                        carry=self.carry, return_carry=True)  # fmt: skip
         self.carry = {k: v for k, v in carry.items() if k in self.own}
         return np.asarray(on_host(out[self.o][-1]), np.float64)
 

@@ -273,3 +273,25 @@ def test_the_command_line_says_what_token_decoding_needs(tmp_path, capsys):
     assert "--prime and --end take token ids for this model (0..23)" in capsys.readouterr().err
     assert main(base) == 2
     assert "decoding 'tgt_in' needs --prime" in capsys.readouterr().err
+
+
+def test_an_encoder_runs_once_per_decode_and_the_step_has_no_encoder_loop():
+    """decode() cuts the model where the decoder reads the encoder: the encoder's states (for
+    attention) and final state are computed once for the batch; each step runs the decoder
+    alone, reading them as inputs."""
+    from rnnc.decode import split
+
+    spec = os.path.join(ROOT, "specs", "attention_dot.rnn")
+    m, p = model(spec, {"S": 3, "V": 3, "H": 4})
+    parts = split(m, "tgt_in")
+    assert parts.cut == {"e.h": "src", "e.c.last": "static", "e.h.last": "static"}
+    assert "range(T_src)" not in parts.step.source and "range(T_tgt_in)" in parts.step.source
+    m._split = parts
+    calls = []
+    forward = parts.encoder.forward
+    parts.encoder.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    src = np.random.default_rng(0).normal(size=(5, 2, 3))
+    for method in ("greedy", "beam"):
+        calls.clear()
+        decode(m, p, 4, [[1], [2]], static={"src": src}, lengths={"src": np.array([5, 3])}, method=method, width=2)
+        assert len(calls) == 1, method
