@@ -45,6 +45,7 @@ def context(g: Graph, n: int, t: Any = None) -> dict[str, Any]:
     over = d["attrs"].get("over")
     return {
         "Mo": "M_" + "".join(c if c.isalnum() else "_" for c in over) if over else "None",
+        "To": "T_" + "".join(c if c.isalnum() else "_" for c in over) if over else "None",
         "r": len(d["shape"] or ()),
         "M": f"M_{tag}" if dom else "None",
         "T": f"T_{tag}" if dom else "None",

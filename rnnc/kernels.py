@@ -80,11 +80,12 @@ def sum_s(x, M, r, upto=None):
     return (x if keep is None else np.where(keep, x, 0)).sum(axis=x.ndim - r - 2)
 
 
-def bcast_s(g, like, M, r, upto=None):
-    # the adjoint of sum_s: g copied to every step s that counts
-    out = np.broadcast_to(np.expand_dims(g, like.ndim - r - 2), like.shape)
-    keep = valid_s(like, M, r, upto)
-    return out.copy() if keep is None else np.where(keep, out, 0)
+def bcast_s(g, S, M, r, upto=None):
+    # the adjoint of sum_s: g copied to each of the S steps s that count ([B, ...] -> [S, B, ...]
+    # at a step; [T, B, ...] -> [T, S, B, ...] over the whole sequence)
+    out = np.repeat(np.expand_dims(g, g.ndim - r - 1), S, axis=g.ndim - r - 1)
+    keep = valid_s(out, M, r, upto)
+    return out if keep is None else np.where(keep, out, 0)
 
 
 def step(x):

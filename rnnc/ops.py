@@ -572,14 +572,15 @@ def over_s(over, causal, t=None) -> dict[str, Any]:
 
 defop("sum_s", 1, first_shape, "sum_s({0}, {Mo}, {r}, {upto})", user=False, pair=lambda x, **a: None,
       attrs={"over": None, "causal": False},
-      vjp=lambda g, y, x, over, causal, t=None: [g.op("bcast_s", x, **over_s(over, causal, t))])  # fmt: skip
-defop("bcast_s", 2, first_shape, "bcast_s({0}, {1}, {Mo}, {r}, {upto})", user=False,
-      pair=lambda g, like, **a: like, attrs={"over": None, "causal": False},
-      vjp=lambda g, y, x, like, over, causal, t=None: [g.op("sum_s", **over_s(over, causal, t)), None])  # fmt: skip
+      vjp=lambda g, y, x, over, causal, t=None: [g.op("bcast_s", **over_s(over, causal, t))])  # fmt: skip
+# the adjoint of sum_s: a copy at every step s that counts (S = the attended sequence's steps)
+defop("bcast_s", 1, first_shape, "bcast_s({0}, {To}, {Mo}, {r}, {upto})", user=False,
+      pair=lambda g, over, **a: over, attrs={"over": None, "causal": False},
+      vjp=lambda g, y, x, over, causal, t=None: [g.op("sum_s", **over_s(over, causal, t))])  # fmt: skip
 defop("softmax_s", 1, first_shape, "softmax_s({0}, {Mo}, {r}, {upto})", user=False,
       attrs={"over": None, "causal": False},
       vjp=lambda g, y, x, over, causal, t=None: [
-          y * (g - (g * y).op("sum_s", **over_s(over, causal, t)).op("bcast_s", y, **over_s(over, causal, t)))])  # fmt: skip
+          y * (g - (g * y).op("sum_s", **over_s(over, causal, t)).op("bcast_s", **over_s(over, causal, t)))])  # fmt: skip
 # the unrolled DAG's forms: every step's copy stacked, and the adjoint's row i back
 defop("stack", None, first_shape, "np.stack(({args},))", level=to_static, kind="collective",
       user=False, pair=lambda *xs, over: over,

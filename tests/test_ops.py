@@ -19,10 +19,10 @@ SHAPES = {
     "last": [(3,)], "impulse": [(3,)], "select_valid": [(3,), (3,)],
     "loss_step": [()], "on_first": [(3,), (3,)], "on_last": [(3,), (3,)],
     "pick_last": [(3,)] * 4, "loss_spread": [(), ()], "unpairs": [(6,), (3,)],
-    "stack": [(3,)] * 4, "bcast_s": [(3,), (3,)],
+    "stack": [(3,)] * 4,
 }  # fmt: skip
 # attention: operands holding every step s of sequence x ([S, B, ...] with S = T)
-PAIRS = {"sum_s": ["x"], "softmax_s": ["x"], "bcast_s": [None, "x"], "unstack": ["x"], "unevery": ["x"]}
+PAIRS = {"sum_s": ["x"], "softmax_s": ["x"], "unstack": ["x"], "unevery": ["x"]}
 ATTRS = {
     "slice": {"start": 1, "stop": 4, "axis": -1}, "slice_rows": {"start": 1, "stop": 3},
     "pad": {"start": 1, "n": 5, "axis": -1}, "concat": {"axis": -1}, "loss_reduce": {"mode": "sum", "dom": "x"},
@@ -89,7 +89,7 @@ def evaluate(g, n, values):
     dom = d["attrs"].get("dom") or "x"
     ctx = {"M": "M", "T": str(T), "t": d["attrs"].get("t", 0), "B": str(B), "dt": "np.float64",
            "rng": "rng", "n": d["shape"][-1] if d["shape"] else 1, "carried": "False",
-           "Mo": "M", "r": len(d["shape"])}  # fmt: skip
+           "Mo": "M", "To": str(T), "r": len(d["shape"])}  # fmt: skip
     del dom
     text = render(OPS[d["op"]], args, d["attrs"], ctx)
     ns = {k: getattr(kernels, k) for k in dir(kernels) if not k.startswith("_")}
