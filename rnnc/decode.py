@@ -158,6 +158,8 @@ class Stepper:
         dummy = {self.x: np.zeros((1, B, self.V))}  # (the encoder reads no target token)
         enc = parts.encoder.forward(self.params, {**self.given, **dummy}, lengths=self.lengths or None)
         self.given = {k: v for k, v in {**self.given, **enc}.items() if k in parts.step.inputs}
+        doms = {lv for _, lv, _ in parts.step.inputs.values()}  # (only its final state: no source)
+        self.lengths = {k: v for k, v in self.lengths.items() if k in doms}
         self.model = parts.step
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:

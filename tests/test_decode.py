@@ -171,7 +171,7 @@ def test_beam_search_stops_once_finished_texts_outrank_the_live_ones(monkeypatch
     assert abs(out.scores[0] - np.log(o[np.arange(len(toks)), toks]).sum()) < 1e-12
 
 
-@pytest.mark.parametrize("spec", ["attention_additive", "attention_dot"])
+@pytest.mark.parametrize("spec", ["attention_additive", "attention_dot", "encoder_decoder"])
 @pytest.mark.parametrize("method", ["greedy", "beam"])
 def test_an_encoder_decoder_decodes_step_by_step_as_the_full_pass(spec, method):
     """Encoder-decoders with attention: the source (with its own lengths) comes with every
