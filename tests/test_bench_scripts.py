@@ -57,3 +57,14 @@ def test_attention_experiment_runs_and_writes_its_table(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [r["name"] for r in rows] == ["plain", "additive", "dot"]
     assert all(0 <= acc <= 1 for r in rows for m in ("greedy", "beam") for acc in r[m].values())
+
+
+def test_attention_errors_script_reports_round_off():
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "attention_errors.py")], capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in p.stdout.splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == ["attention_additive", "attention_dot", "self_attention"]
+    for r in rows:
+        loss, grads, fd = (float(x) for x in r[1:4])
+        assert loss < 1e-13 and grads < 1e-12 and fd < 1e-6, r
