@@ -424,6 +424,58 @@ def split_concat_matmul(g: Graph) -> bool:
     return changed
 
 
+def sum_terms(g: Graph, n: int, loop: int | None, loops: dict[int, int]) -> list[tuple[int, int]]:
+    """The terms of the sum tree under add n: through unnamed adds used once, same step."""
+    out = []
+    for u, k in operands(g, n):
+        d = g.nodes[u]
+        if (k == 0 and d["op"] == "add" and not d["name"] and g.out_degree(u) == 1
+                and loops.get(u) == loop and init_of(g, u) is None):  # fmt: skip
+            out += sum_terms(g, u, loop, loops)
+        else:
+            out.append((u, k))
+    return out
+
+
+def join_step_gemms(g: Graph) -> bool:
+    """A @ x + B @ y inside a loop, x and y both values of the loop (at any delay) and A, B
+    model-wide with as many rows -> [A B] @ concat(x, y): one GEMM a step instead of two, and
+    one for the adjoint (input feeding's W_ih @ ht[t-1] + W_hh @ h[t-1] in a decoder)."""
+    loops = in_loop(g)
+    changed = False
+    for n in list(g.nodes):
+        d = g.nodes.get(n)
+        if d is None or d["op"] != "add" or n not in loops or d["pair"]:
+            continue
+        (v, e), *rest = [(v, e) for _, v, e in g.out_edges(n, data=True)] or [(None, None)]
+        if not d["name"] and not rest and v is not None and g.nodes[v]["op"] == "add" and e["delay"] == 0 \
+                and loops.get(v) == loops[n] and init_of(g, n) is None:  # fmt: skip
+            continue  # an inner add: its tree's root joins them
+        terms = sum_terms(g, n, loops[n], loops)
+        groups: dict[int, list[int]] = {}
+        for u, k in terms:
+            du = g.nodes[u]
+            if k or du["op"] != "matmul" or du["name"] or g.out_degree(u) != 1 or loops.get(u) != loops[n]:
+                continue
+            (w, kw), (x, _) = operands(g, u)
+            if kw == 0 and g.nodes[w]["level"] == GLOBAL and loops.get(x) == loops[n] and not du["pair"]:
+                groups.setdefault(g.nodes[w]["shape"][0], []).append(u)
+        group = next((ms for ms in groups.values() if len(ms) > 1), None)
+        if group is None:
+            continue
+        span = d["span"]
+        ws = add_op(g, "concat", [operands(g, m)[0] for m in group], span=span, axis=-1)
+        xs = add_op(g, "concat", [operands(g, m)[1] for m in group], span=span, axis=-1)
+        total = add_op(g, "matmul", [(ws, 0), (xs, 0)], span=span)
+        for u, k in terms:
+            if u not in group:
+                total = add_op(g, "add", [(total, 0), (u, k)], span=span)
+        g.nodes[total]["name"] = d["name"]
+        replace(g, n, total)
+        changed = True
+    return changed
+
+
 def hoist_invariant_terms(g: Graph) -> bool:
     """(x + b) + c -> x + (b + c) when x changes each step of a loop and b, c do not:
     b + c then runs once over the whole sequence (the bias joins the input projection)."""
@@ -681,6 +733,8 @@ def optimize(g: Graph, fuse: bool = True) -> Graph:
         simplify(g)
     if fuse and "grads" not in g.graph:
         if split_concat_matmul(g):
+            simplify(g)
+        if join_step_gemms(g):
             simplify(g)
         if fuse_gates(g):
             simplify(g)

@@ -152,3 +152,47 @@ def test_slices_fold():
     assert operands(g, out["a"]) == [(x, 0)]  # x[1:3][1:2] -> x[2:3]
     assert operands(g, out["b"]) == [(x, 0), (x, 0)]  # x[0:3] of a 3-wide x is x
     assert out["d"] == x  # concat(x[0:1], x[1:3]) is x
+
+
+TWO_STATES = """model m {
+  dim H = 3, I = 2
+  input x[I] : sequence
+  target y[H] : sequence
+  param W[H, H], U[H, H], V[H, I], C[H, H], b[H]
+  h = tanh(W @ h[t-1] + V @ x + U @ c[t-1] + b)
+  c = tanh(C @ h + c[t-1])
+  loss = mse(h, y)
+}
+"""
+
+
+def test_two_products_of_loop_values_join_into_one_gemm_a_step():
+    """W @ h[t-1] + U @ c[t-1] -> [W U] @ concat(h[t-1], c[t-1]): with C @ h, two products a
+    step where there were three, forward and backward; exact."""
+    import numpy as np
+    from helpers import random_data, rel
+
+    m = compile_spec(TWO_STATES)
+    src = m.source
+    forward = src[src.index("def forward(") : src.index("def loss(")]
+    loop = forward[forward.index("for t in range") :].split("\n    out =")[0]
+    code = [line for line in loop.splitlines() if not line.strip().startswith("#")]
+    assert sum(line.count(" @ ") for line in code) == 2, loop  # [W U] @ concat(h, c), then C @ h
+    body = src[src.index("def loss_and_grads(") :]
+    back = body[body.index("for t in range(T_x - 1, -1, -1):") :].split("\n    del", 1)[0]
+    assert sum(line.count(" @ ") for line in back.splitlines() if not line.strip().startswith("#")) == 2, back
+    plain = compile_spec(TWO_STATES, optimize=False)
+    _, params, inputs, targets, L = random_data(m.graph, 6, 3, seed=1, lengths=True)
+    want = plain.loss_and_grads(params, inputs, targets, lengths=L)
+    got = m.loss_and_grads(params, inputs, targets, lengths=L)
+    assert abs(got[0] - want[0]) < 1e-12 and all(rel(got[1][k], v) < 1e-12 for k, v in want[1].items())
+    assert np.isfinite(got[0])
+
+
+def test_input_feeding_is_two_gemms_a_decoder_step():
+    m = compile_spec(os.path.join(SPECS, "attention_dot.rnn"))
+    src = m.source
+    forward = src[src.index("def forward(") : src.index("def loss(")]
+    loop = forward[forward.index("for t in range(T_tgt_in)") :].split("\n    out =")[0]
+    code = [line for line in loop.splitlines() if not line.strip().startswith("#")]
+    assert sum(line.count(" @ ") for line in code) == 2, loop
