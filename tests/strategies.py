@@ -41,6 +41,7 @@ def exprs(draw, depth=3):
         st.floats(0, 100, allow_nan=False).map(lambda v: S.Num(round(v, 3))),
         NAMES.map(S.Name),
         st.tuples(NAMES, st.integers(-3, 3)).map(lambda p: S.TimeRef(*p)),
+        NAMES.map(S.Every),  # x[s]: every step, for attention
     )
     if depth == 0:
         return draw(atoms)
@@ -54,7 +55,8 @@ def exprs(draw, depth=3):
         return S.Neg(draw(sub))
     if kind == 3:
         args = tuple(draw(st.lists(sub, min_size=1, max_size=3)))
-        kwargs = tuple(draw(st.lists(st.tuples(st.sampled_from(["H", "alpha"]), sub), max_size=1)))
+        kwargs = tuple(draw(st.lists(st.one_of(st.tuples(st.sampled_from(["H", "alpha"]), sub),
+                                                st.just(("over", S.Name("s")))), max_size=1)))  # fmt: skip
         mods = tuple(draw(st.lists(st.sampled_from([
             S.Modifier("reverse"), S.Modifier("stack", 2), S.Modifier("bidirectional"),
             S.Modifier("bidirectional", "sum")]), max_size=2)))  # fmt: skip
@@ -84,6 +86,8 @@ def programs(draw):
         body.append(
             S.InputDecl("x", (draw(dim_exprs()),), draw(st.sampled_from(["sequence", "static"])))
         )
+        if draw(st.booleans()):  # a second input on x's clock
+            body.append(S.InputDecl("x2", (draw(dim_exprs()),), "sequence", like="x"))
         body.append(draw(st.sampled_from([
             S.TargetDecl("y", None, "sequence", S.DName("K")),
             S.TargetDecl("y", (S.DName("H"),), "static"),
