@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 from rnnc.compiler import compile_spec  # noqa: E402
 from rnnc.decode import decode  # noqa: E402
+from rnnc.gradcheck import random_batch, random_lengths  # noqa: E402
 from rnnc.grad import grad  # noqa: E402
 from rnnc.interpret import interpret  # noqa: E402
 from rnnc.unroll import unroll  # noqa: E402
@@ -31,15 +32,11 @@ def rel(a, b) -> float:
 
 
 def batch(m, Ts, B, rng):
-    g = m.graph
-    params = {k: rng.normal(size=g.nodes[n]["shape"]) * 0.5 for k, n in g.graph["params"].items()}
-    inputs, targets = {}, {}
-    for kind, dst in (("inputs", inputs), ("targets", targets)):
-        for name, n in g.graph[kind].items():
-            d = g.nodes[n]
-            lead = (Ts[d["level"]], B)
-            dst[name] = rng.integers(0, d["shape"][0], lead) if d["classes"] else rng.normal(size=lead + d["shape"])
-    L = {dom: np.concatenate([[T], rng.integers(1, T + 1, B - 2), [1]]) for dom, T in Ts.items()}
+    params = {k: rng.normal(size=v.shape) * 0.5 for k, v in m.init_params(0, np.float64).items()}
+    inputs, targets, _ = random_batch(m, Ts, B, int(rng.integers(2**31)))
+    L = random_lengths(m, Ts, B, rng, shortest=1)
+    for v in L.values():
+        v[-1] = 1  # and one sequence of a single step
     return params, inputs, targets, L
 
 
@@ -63,12 +60,12 @@ def main() -> int:
             flat, num, ana = params[k].reshape(-1), [], []
             for i in rng.choice(flat.size, min(flat.size, 8), replace=False):
                 old = flat[i]
-                flat[i] = old + 1e-6
+                flat[i] = old + 1e-5
                 up = m.loss(params, inputs, targets, lengths=L)["loss"]
-                flat[i] = old - 1e-6
+                flat[i] = old - 1e-5
                 down = m.loss(params, inputs, targets, lengths=L)["loss"]
                 flat[i] = old
-                num.append((up - down) / 2e-6)
+                num.append((up - down) / 2e-5)
                 ana.append(grads[k].reshape(-1)[i])
             e_fd = max(e_fd, rel(ana, num))
         e_dec = "-"

@@ -35,13 +35,14 @@ class Row:
     note: str = ""  # why a row failed other than by its error (a value that is not finite)
 
 
-def random_batch(m: Model, T: int, B: int, seed: int, dtype=np.float64):
-    """Random inputs, targets and lengths (None) fitting the model's declarations."""
+def random_batch(m: Model, T: int | dict[str, int], B: int, seed: int, dtype=np.float64):
+    """Random inputs, targets and lengths (None) fitting the model's declarations; T steps,
+    or T[d] for each time domain d (an encoder's source and a decoder's target)."""
     rng = np.random.default_rng(seed)
     halves = {d: info["halves"] for d, info in m.graph.graph["domains"].items()}
 
     def steps(dom: str) -> int:
-        return steps(halves[dom]) // 2 if halves.get(dom) else T
+        return steps(halves[dom]) // 2 if halves.get(dom) else T[dom] if isinstance(T, dict) else T
 
     def make(table):
         out = {}
@@ -56,15 +57,18 @@ def random_batch(m: Model, T: int, B: int, seed: int, dtype=np.float64):
     return make(m.inputs), make(m.targets), None
 
 
-def random_lengths(m: Model, T: int, B: int, rng: np.random.Generator) -> dict | None:
-    """One length per sequence in 2..T (pairs() needs two steps), the first sequence full."""
+def random_lengths(m: Model, T: int | dict[str, int], B: int, rng: np.random.Generator,
+                   shortest: int = 2) -> dict | None:  # fmt: skip
+    """One length per sequence in shortest..T (pairs() needs two steps), the first sequence
+    full; T per time domain where it is a dict."""
     doms = [d for d, info in m.graph.graph["domains"].items() if info["halves"] is None]
-    if not doms or T < 2 or B < 2:
+    Ts = {d: T[d] if isinstance(T, dict) else T for d in doms}
+    if not doms or min(Ts.values()) < shortest or B < 2:
         return None
     out = {}
     for d in doms:
-        L = rng.integers(2, T + 1, size=B)
-        L[0] = T
+        L = rng.integers(shortest, Ts[d] + 1, size=B)
+        L[0] = Ts[d]
         out[d] = L
     return out
 

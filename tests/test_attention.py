@@ -20,6 +20,7 @@ from strategies import attention_models
 from rnnc import kernels
 from rnnc.compiler import compile_spec, front
 from rnnc.errors import RnncError
+from rnnc.gradcheck import random_batch, random_lengths
 from rnnc.schedule import Loop, Once
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -32,21 +33,15 @@ def spec_path(name: str) -> str:
 
 
 def data(m, Ts: dict[str, int], B: int, seed: int, lengths: bool):
-    """Random params, inputs and targets, each sequence with its own number of steps."""
+    """Random params, inputs and targets, each sequence with its own number of steps; with
+    lengths, one sequence of each full and one of a single step."""
     rng = np.random.default_rng(seed)
-    g = m.graph
-    params = {k: rng.normal(size=g.nodes[n]["shape"]) * 0.5 for k, n in g.graph["params"].items()}
-    inputs, targets = {}, {}
-    for kind, dst in (("inputs", inputs), ("targets", targets)):
-        for name, n in g.graph[kind].items():
-            d = g.nodes[n]
-            lead = (Ts[d["level"]], B)
-            dst[name] = rng.integers(0, d["shape"][0], size=lead) if d["classes"] else rng.normal(size=lead + d["shape"])
-    if not lengths:
-        return params, inputs, targets, None
-    L = {dom: rng.integers(1, T + 1, size=B) for dom, T in Ts.items()}
-    for dom, T in Ts.items():  # one sequence of each at full length, one of a single step
-        L[dom][0], L[dom][-1] = T, 1
+    params = {k: rng.normal(size=v.shape) * 0.5 for k, v in m.init_params(0, np.float64).items()}
+    inputs, targets, _ = random_batch(m, Ts, B, seed)
+    L = random_lengths(m, Ts, B, rng, shortest=1) if lengths else None
+    if L is not None:
+        for v in L.values():
+            v[-1] = 1
     return params, inputs, targets, L
 
 
