@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 from rnnc.compiler import compile_spec  # noqa: E402
 from rnnc.decode import decode  # noqa: E402
-from rnnc.gradcheck import random_batch, random_lengths  # noqa: E402
 from rnnc.grad import grad  # noqa: E402
+from rnnc.gradcheck import random_batch, random_lengths  # noqa: E402
 from rnnc.interpret import interpret  # noqa: E402
 from rnnc.unroll import unroll  # noqa: E402
 
