@@ -297,7 +297,7 @@ class ShapeSolver:
             u = next((u for u in ins if self.dom.find(self.level_of(u)) == clock), None)
             if u is None:
                 return f"the steps of '{clock}'"
-            text = label(g, u) if OPS[g.nodes[u]["op"]].kind == "leaf" else describe(g, u)
+            text = g.nodes[u]["name"] or describe(g, u)  # its name, else its source text
             return f"'{text}' (steps of '{clock}')"
 
         return self.err(

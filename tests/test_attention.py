@@ -381,3 +381,20 @@ def test_random_attention_models_compiled_equals_reference_and_central_differenc
         ana = np.asarray(grads[k]).reshape(-1)[idx]
         scale = max(np.linalg.norm(num), np.linalg.norm(ana), 1e-3 * abs(loss))
         assert np.linalg.norm(ana - num) / scale < 1e-6, k
+
+
+def test_the_natural_wrong_spec_is_refused_not_run_on_the_decoders_clock(tmp_path, capsys):
+    """A decoder that reads the encoder's e plainly (the issue's report: rnnc check used to
+    call the encoder a recurrence over the decoder's input) is a located error, exit 1."""
+    from rnnc.cli import main
+
+    spec = tmp_path / "wrong.rnn"
+    spec.write_text("use GRU\n\nmodel wrong {\n  dim S = 5, V = 4, H = 3\n  input src[S] : sequence\n"
+                    "  input tgt_in[V] : sequence\n  target tgt_out : sequence of class(V)\n"
+                    "  param Wd[H, V + H], Ud[H, H], Wy[V, H]\n  e = GRU(src, H=H)\n"
+                    "  d = tanh(Wd @ concat(tgt_in, e) + Ud @ d[t-1])\n"
+                    "  loss = cross_entropy(softmax(Wy @ d), tgt_out)\n}\n")  # fmt: skip
+    assert main(["check", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert "wrong.rnn:10:17: error[E412]: combines 'tgt_in' (steps of 'tgt_in') with 'e' (steps of 'src')" in err
+    assert "write e[s] and reduce over s" in err
