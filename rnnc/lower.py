@@ -392,6 +392,11 @@ class Emitter:
                     out.append(f"    {name}[:{past}] = {fill}")
             if fut:
                 out.append(f"    {name}[{past} + {T}:] = {self.fill(n)}")
+        for n in loop.nodes:  # sums over the steps, added up as the loop runs
+            if n in self.plan.accumulate:
+                d = g.nodes[n]
+                S = f"{context_names(d['pair'])[0]}, " if d["pair"] else ""
+                out.append(f"    {self.name(n)} = {xp}.zeros(({S}B) + {tuple(d['shape'])!r}, dt)")
         items = self.fused.get(self.loop_ids[id(loop)], [loop.nodes])
         self.target.before_loop(self, items, T)
         rng = f"range({T})" if loop.direction > 0 else f"range({T} - 1, -1, -1)"
@@ -421,6 +426,10 @@ class Emitter:
             return
         self.comment(n, "        ", seen)
         name = self.name(n)
+        if n in self.plan.accumulate:  # this step's term of a sum over the steps
+            ((u, k),) = operands(g, n)
+            out.append(f"        {name} += {self.operand(u, k, loop)[0]}")
+            return
         past = self.plan.pads.get(n, (0, 0))[0]
         if (
             n in self.plan.stored

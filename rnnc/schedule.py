@@ -10,7 +10,7 @@ import networkx as nx
 
 from .errors import RnncError
 from .graph import Graph, init_of, is_seq, label, upstream
-from .ops import OPS
+from .ops import OPS, STATIC
 
 
 @dataclass
@@ -35,6 +35,8 @@ class Plan:
     views: dict[int, int] = field(default_factory=dict)  # stored slice -> its stored base
     # stored adjoints a target may keep as one running [B, ...] value instead of T + 1 rows
     running: set[int] = field(default_factory=set)
+    # sums over a loop's steps (reduce_to one value per sequence) added up inside the loop
+    accumulate: set[int] = field(default_factory=set)
 
     def loop_of(self) -> dict[int, int]:
         return {n: i for i, s in enumerate(self.steps) if isinstance(s, Loop) for n in s.nodes}
@@ -67,7 +69,8 @@ def schedule(g: Graph, wanted: dict[str, int], cond: nx.DiGraph | None = None) -
             continue
         steps.append(make_loop(g, nodes))
     steps = sink_elementwise(g, steps, set(wanted.values()), keep)
-    plan = Plan(g, steps, dict(wanted))
+    steps, accumulate = accumulators(g, steps, set(wanted.values()), keep)
+    plan = Plan(g, steps, dict(wanted), accumulate=accumulate)
     plan.pads = pads(g, keep)
     loops = plan.loop_of()
     for n, i in loops.items():
@@ -77,6 +80,7 @@ def schedule(g: Graph, wanted: dict[str, int], cond: nx.DiGraph | None = None) -
         )
         if outside or n in wanted.values() or plan.pads.get(n, (0, 0)) != (0, 0):
             plan.stored.add(n)
+    plan.stored -= plan.accumulate  # one running value, not a row a step
     plan.views = views(g, plan, loops)
     plan.stored -= set(plan.views)
     plan.stored |= set(plan.views.values())
@@ -150,6 +154,69 @@ def sink_elementwise(
             loop_of[n] = target
             changed = True
     return steps
+
+
+def accumulators(
+    g: Graph, steps: list[Once | Loop], wanted: set[int], keep: set[int]
+) -> tuple[list[Once | Loop], set[int]]:
+    """A sum over a loop's steps down to one value per sequence (reduce_to, e.g. the adjoint of
+    attention's e[s] gathered from every decoder step) of a term the loop computes each step,
+    or of an elementwise term of its values read by nothing else: the loop adds each step's
+    term to a running value, and no [T, ...] array of the terms is kept."""
+    loop_of = {n: s for s in steps if isinstance(s, Loop) for n in s.nodes}
+    out: set[int] = set()
+    for s in list(steps):
+        if not isinstance(s, Once) or g.nodes[s.node]["op"] != "reduce_to" or g.nodes[s.node]["level"] != STATIC:
+            continue
+        r = s.node
+        ((u, k),) = [(u, e["delay"]) for u, _, e in g.in_edges(r, data=True)]
+        loop = loop_of.get(u)
+        if k or u in wanted:
+            continue
+        if loop is None:
+            loop = sunk_term(g, steps, loop_of, u, r, keep)
+            if loop is None:
+                continue
+        if loop.dom != g.nodes[u]["level"]:
+            continue
+        steps.remove(s)
+        loop.nodes = body_order(g, [*loop.nodes, r])
+        loop_of[r] = loop
+        out.add(r)
+    return steps, out
+
+
+def sunk_term(g: Graph, steps: list[Once | Loop], loop_of: dict, u: int, r: int, keep: set[int]) -> Loop | None:
+    """Move u, an elementwise step over the whole sequence read only by r, into the loop whose
+    values it reads (its other operands come before that loop); that loop, or None."""
+    d = g.nodes[u]
+    step = next((x for x in steps if isinstance(x, Once) and x.node == u), None)
+    if step is None or OPS[d["op"]].kind != "pointwise" or d["op"] in ("matmul", "matmul_t"):
+        return None
+    if not is_seq(d["level"]) or any(e["delay"] for _, _, e in g.in_edges(u, data=True)):
+        return None
+    if {v for v in g.successors(u) if v in keep} != {r}:
+        return None
+    at = {n: i for i, x in enumerate(steps) for n in (x.nodes if isinstance(x, Loop) else [x.node])}
+    loops = [loop_of[x] for x in g.predecessors(u) if x in loop_of]
+    if not loops:
+        return None
+    loop = max(loops, key=lambda x: at[x.nodes[0]])  # the last loop it reads: the rest is made before
+    for x in g.predecessors(u):
+        if x in loop.nodes or at.get(x, -1) < at[loop.nodes[0]]:
+            continue
+        early = next((y for y in steps if isinstance(y, Once) and y.node == x), None)
+        if early is None or any(at.get(y, -1) > at[loop.nodes[0]] for y in g.predecessors(x)):
+            return None
+        steps.remove(early)  # (a view of a value made before the loop, listed after it)
+        steps.insert(steps.index(loop), early)
+        at = {n: i for i, y in enumerate(steps) for n in (y.nodes if isinstance(y, Loop) else [y.node])}
+    if loop.dom != d["level"]:
+        return None
+    steps.remove(step)
+    loop.nodes = body_order(g, [*loop.nodes, u])
+    loop_of[u] = loop
+    return loop
 
 
 def body_order(g: Graph, nodes: list[int]) -> list[int]:

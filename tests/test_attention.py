@@ -398,3 +398,15 @@ def test_the_natural_wrong_spec_is_refused_not_run_on_the_decoders_clock(tmp_pat
     err = capsys.readouterr().err
     assert "wrong.rnn:10:17: error[E412]: combines 'tgt_in' (steps of 'tgt_in') with 'e' (steps of 'src')" in err
     assert "write e[s] and reduce over s" in err
+
+
+def test_sums_over_decoder_steps_run_inside_the_backward_loop():
+    """What each decoder step sends back to e[s] is added up as the loop runs: two running
+    [S, B, H] values, not [T, S, B, H] arrays of the terms kept for a sum after the loop."""
+    m = compile_spec(spec_path("attention_dot"), dims={"H": 8})
+    plan = m.plans["loss_and_grads"]
+    assert len(plan.accumulate) == 2 and not plan.accumulate & plan.stored
+    src = m.source[m.source.index("def loss_and_grads(") :]
+    back = src[src.index("for t in range(T_tgt_in - 1, -1, -1):") :].split("\n    del", 1)[0]
+    assert sum(" += " in line for line in back.splitlines()) == 2, back
+    assert "dctx[t] = " not in src and "da_sum_f[t] = " not in src
