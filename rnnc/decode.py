@@ -77,7 +77,7 @@ def split(m: Model, x: str) -> Split:
     """Cut m between what depends on its generated input x's time domain and what does not."""
     import networkx as nx
 
-    from .graph import add_node, copy_graph, forward_outputs, label
+    from .graph import add_node, copy_graph, forward_outputs
     from .load import load_source
     from .lower import lower
     from .ops import GLOBAL, OPS, STATIC
@@ -89,13 +89,8 @@ def split(m: Model, x: str) -> Split:
     frontier = {u for u in g if u not in decoder and OPS[g.nodes[u]["op"]].kind != "leaf"
                 and g.nodes[u]["level"] != GLOBAL  # (weights packed from params: the step's own)
                 and any(v in decoder for v in g.successors(u))}  # fmt: skip
-    cut: set[int] = set()
-    for u in frontier:  # a value per step s (attention) is cut at the sequence it reads
-        if g.nodes[u]["pair"]:
-            cut |= {w for e in nx.ancestors(g, u) | {u} if g.nodes[e]["op"] == "every" for w in g.predecessors(e)}
-        else:
-            cut.add(u)
-    names = {u: (g.nodes[u]["name"] or f"{label(g, next(g.predecessors(u)))}.{g.nodes[u]['op']}") for u in cut}
+    cut = frontier
+    names = {u: cut_name(g, u) for u in cut}
     enc_plan = schedule(g, {names[u]: u for u in cut})
     encoder = Model(m.program, g, None, {"forward": enc_plan},
                     src := lower(g, {"forward": enc_plan}, g.graph["file"], m.target),
@@ -103,8 +98,13 @@ def split(m: Model, x: str) -> Split:
     h = copy_graph(g)
     for u in cut:  # each cut value becomes an input of the step model
         d = g.nodes[u]
-        leaf = add_node(h, "input", (), names[u], d["span"], name=names[u], dom=d["level"])
-        h.nodes[leaf].update(shape=d["shape"], level=d["level"], classes=d["classes"])
+        dom = d["pair"] or d["level"]  # a value per step s of e ([S, B, ...]) comes in as e does
+        leaf = add_node(h, "input", (), names[u], d["span"], name=names[u], dom=dom)
+        h.nodes[leaf].update(shape=d["shape"], level=dom, classes=d["classes"])
+        if d["pair"]:  # ... and is read as every step s again (the attention keys, made once)
+            every = add_node(h, "every", [(leaf, 0)], None, d["span"], over=dom)
+            h.nodes[every].update(shape=d["shape"], level=STATIC, pair=dom)
+            leaf = every
         for _, v, key, e in list(h.out_edges(u, keys=True, data=True)):
             h.add_edge(leaf, v, **e)
             h.remove_edge(u, v, key)
@@ -121,12 +121,25 @@ def split(m: Model, x: str) -> Split:
         for dm, info in g.graph["domains"].items()
         if any(h.nodes[n]["level"] == dm for n in h.graph["inputs"].values())
     }
+    for n in h.graph["inputs"].values():  # a cut input's domain carries its lengths
+        h.nodes[n]["attrs"]["dom"] = h.nodes[n]["level"]
     step_plan = schedule(h, wanted)
     step = Model(m.program, h, None, {"forward": step_plan},
                  src := lower(h, {"forward": step_plan}, g.graph["file"], m.target),
                  load_source(src, "rnnc_" + g.graph["model"] + "_step"), m.target)  # fmt: skip
-    levels = {names[u]: (STATIC if g.nodes[u]["level"] == STATIC else g.nodes[u]["level"]) for u in cut}
+    levels = {names[u]: g.nodes[u]["pair"] or g.nodes[u]["level"] for u in cut}
     return Split(encoder, step, levels)
+
+
+def cut_name(g, u: int) -> str:
+    """The name a value the decoder reads goes by: its own, or e.h[s], last(e.c), ..."""
+    from .graph import label
+
+    d = g.nodes[u]
+    if d["name"]:
+        return d["name"]
+    x = label(g, next(g.predecessors(u)))
+    return f"{x}[s]" if d["op"] == "every" else f"{d['op']}({x})"
 
 
 class Stepper:

@@ -284,7 +284,7 @@ def test_an_encoder_runs_once_per_decode_and_the_step_has_no_encoder_loop():
     spec = os.path.join(ROOT, "specs", "attention_dot.rnn")
     m, p = model(spec, {"S": 3, "V": 3, "H": 4})
     parts = split(m, "tgt_in")
-    assert parts.cut == {"e.h": "src", "e.c.last": "static", "e.h.last": "static"}
+    assert parts.cut == {"e.h[s]": "src", "last(e.c)": "static", "last(e.h)": "static"}
     assert "range(T_src)" not in parts.step.source and "range(T_tgt_in)" in parts.step.source
     m._split = parts
     calls = []
@@ -295,3 +295,14 @@ def test_an_encoder_runs_once_per_decode_and_the_step_has_no_encoder_loop():
         calls.clear()
         decode(m, p, 4, [[1], [2]], static={"src": src}, lengths={"src": np.array([5, 3])}, method=method, width=2)
         assert len(calls) == 1, method
+
+
+def test_attention_keys_are_made_once_per_batch_not_per_decoding_step():
+    """The additive model's keys = Wa @ e[s] depend on the encoder only: they cross into the
+    decoder-only module as a value per step s, so no decoding step multiplies by Wa."""
+    from rnnc.decode import split
+
+    m, _ = model(os.path.join(ROOT, "specs", "attention_additive.rnn"), {"S": 3, "V": 3, "H": 4, "A": 2})
+    parts = split(m, "tgt_in")
+    assert parts.cut == {"keys": "src", "e.h[s]": "src"}
+    assert "Wa" not in parts.step.params and "Wa" in parts.encoder.params
