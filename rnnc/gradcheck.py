@@ -142,10 +142,14 @@ def check_all(spec, dims, model, T, batch, seed, eps, directions, lengths) -> li
     params = m.init_params(seed, np.float64)
     for k in params:  # non-zero biases, so that every path is exercised
         params[k] = params[k] + rng.normal(0, 0.1, params[k].shape)
-    inputs, targets, _ = random_batch(m, T, batch, seed)
+    # sequences of different clocks (an encoder's source, a decoder's target) of different
+    # lengths, as attention meets them: each further clock a step shorter
+    roots = [d for d, info in m.graph.graph["domains"].items() if info["halves"] is None]
+    Ts = {d: max(2, T - i) for i, d in enumerate(roots)}
+    inputs, targets, _ = random_batch(m, Ts, batch, seed)
     inputs.update(initial_states(m, batch, rng))
     inputs.update(m.module.draw_masks(inputs, rng))  # training's masks, fixed for the check
-    L = random_lengths(m, T, batch, rng) if lengths else None
+    L = random_lengths(m, Ts, batch, rng) if lengths else None
     plain = not smooth(m)
     h = eps if eps is not None else (1e-6 if plain else 1e-3)
 

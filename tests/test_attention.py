@@ -410,3 +410,20 @@ def test_sums_over_decoder_steps_run_inside_the_backward_loop():
     back = src[src.index("for t in range(T_tgt_in - 1, -1, -1):") :].split("\n    del", 1)[0]
     assert sum(" += " in line for line in back.splitlines()) == 2, back
     assert "dctx[t] = " not in src and "da_sum_f[t] = " not in src
+
+
+def test_gradcheck_draws_each_clock_its_own_length():
+    """rnnc gradcheck on a model with two clocks: the second sequence is a step shorter, so a
+    mix-up of the two lengths cannot hide; the check passes."""
+    import rnnc.gradcheck as gc
+
+    m = compile_spec(spec_path("attention_dot"), dims=small_dims(spec_path("attention_dot")))
+    seen = []
+    batch = gc.random_batch
+    gc.random_batch = lambda m, T, *a, **k: seen.append(T) or batch(m, T, *a, **k)
+    try:
+        rows = gc.gradcheck(m, T=5)
+    finally:
+        gc.random_batch = batch
+    assert seen == [{"src": 5, "tgt_in": 4}]
+    assert all(r.error < gc.TOL for r in rows), [(r.name, r.error) for r in rows]
