@@ -555,6 +555,12 @@ defop("batch", 1, first_shape, "np.broadcast_to({0}, ({B},) + {0}.shape)", level
       user=False, vjp=lambda g, y, x: [g.op("reduce_to", keep=len(x.shape), level=GLOBAL)])  # fmt: skip
 defop("reduce_to", 1, first_shape, "reduce_to({0}, {keep})", level=reduce_level, user=False)
 
+def over_s(over, causal, t=None) -> dict[str, Any]:
+    """The attrs of a reduction over s and its adjoint: the same steps count (an unrolled
+    step's copy also keeps its t)."""
+    return {"over": over, "causal": causal, **({"t": t} if t is not None else {})}
+
+
 # Attention. `e[s]` (every) is the whole of sequence e as one value per sequence, an array
 # [S, B, ...] whose leading axis is e's steps; what combines it with a value per step t holds
 # [S, B, ...] at each t ([T, S, B, ...] over the whole sequence), and a reduction `over=s`
@@ -564,12 +570,6 @@ defop("every", 1, first_shape, "{0}", level=to_static, kind="collective", user=F
       pair=lambda x, over: over, vjp=lambda g, y, x, over: [g.op("unevery", over=over)])  # fmt: skip
 defop("unevery", 1, first_shape, "{0}", level=lambda x, over: over, kind="collective", user=False,
       pair=lambda x, over: None)  # fmt: skip
-def over_s(over, causal, t=None) -> dict[str, Any]:
-    """The attrs of a reduction over s and its adjoint: the same steps count (an unrolled
-    step's copy also keeps its t)."""
-    return {"over": over, "causal": causal, **({"t": t} if t is not None else {})}
-
-
 defop("sum_s", 1, first_shape, "sum_s({0}, {Mo}, {r}, {upto})", user=False, pair=lambda x, **a: None,
       attrs={"over": None, "causal": False},
       vjp=lambda g, y, x, over, causal, t=None: [g.op("bcast_s", **over_s(over, causal, t))])  # fmt: skip
