@@ -396,7 +396,7 @@ class Emitter:
             if n in self.plan.accumulate:
                 d = g.nodes[n]
                 S = f"{context_names(d['pair'])[0]}, " if d["pair"] else ""
-                out.append(f"    {self.name(n)} = {xp}.zeros(({S}B) + {tuple(d['shape'])!r}, dt)")
+                out.append(f"    {self.name(n)} = {xp}.zeros(({S}B,) + {tuple(d['shape'])!r}, dt)")
         items = self.fused.get(self.loop_ids[id(loop)], [loop.nodes])
         self.target.before_loop(self, items, T)
         rng = f"range({T})" if loop.direction > 0 else f"range({T} - 1, -1, -1)"

@@ -276,6 +276,23 @@ def test_cupy_module_equals_numpy_for_every_spec(spec, lengths):
 
 
 @needs_gxx
+def test_a_sum_over_the_steps_kept_running_in_the_loop_equals_numpy():
+    """The adjoint of a per-sequence value read every step (P @ img) is summed inside the
+    backward loop (schedule.accumulators), from a fused kernel's output on this target."""
+    from test_optimize import STATIC_EVERY_STEP
+
+    mn = compile_spec(STATIC_EVERY_STEP)
+    source = compile_spec(STATIC_EVERY_STEP, target="cupy", load=False).source
+    assert "cp.zeros((B,) + (4,), dt)" in source
+    mc = load_with_fake_cupy(source)
+    _Ts, params, inputs, targets, L = random_data(mn.graph, 6, 3, seed=3, lengths=True)
+    loss, grads = mn.loss_and_grads(params, inputs, targets, lengths=L, with_inputs=True)
+    loss_c, grads_c = mc.loss_and_grads(params, inputs, targets, lengths=L, with_inputs=True)
+    assert abs(loss_c - loss) <= 1e-10 * abs(loss)
+    assert all(rel(grads_c[k].get(), grads[k]) < 1e-10 for k in grads)
+
+
+@needs_gxx
 @pytest.mark.parametrize("name", ["lstm.rnn", "gru.rnn", "deep_birnn.rnn"])
 def test_cupy_module_float32_within_1e5(name):
     spec = os.path.join(ROOT, "specs", name)

@@ -196,3 +196,31 @@ def test_input_feeding_is_two_gemms_a_decoder_step():
     loop = forward[forward.index("for t in range(T_tgt_in)") :].split("\n    out =")[0]
     code = [line for line in loop.splitlines() if not line.strip().startswith("#")]
     assert sum(line.count(" @ ") for line in code) == 2, loop
+
+
+STATIC_EVERY_STEP = """model m {
+  dim H = 4, I = 3, F = 2
+  input x[I] : sequence
+  input img[F] : static
+  target y[H] : sequence
+  param W[H, H], U[H, I], P[H, F], b[H]
+  h = tanh(W @ h[t-1] + U @ x + P @ img + b)
+  loss = mse(h, y)
+}
+"""
+
+
+def test_a_per_sequence_value_read_every_step_sums_its_adjoint_inside_the_loop():
+    """P @ img enters every step: its adjoint, a sum over the steps, is one running [B, H]
+    value of the backward loop, and the gradients equal the unrolled reference's."""
+    from helpers import random_data, reference, rel
+
+    m = compile_spec(STATIC_EVERY_STEP)
+    assert len(m.plans["loss_and_grads"].accumulate) == 1
+    assert "zeros((B,) + (4,), dt)" in m.source and " += dh" in m.source
+    for lengths in (False, True):
+        Ts, params, inputs, targets, L = random_data(m.graph, 6, 3, seed=3, lengths=lengths)
+        loss, grads = m.loss_and_grads(params, inputs, targets, lengths=L, with_inputs=True)
+        ref_loss, ref_grads, _ = reference(m.graph, Ts, params, inputs, targets, L)
+        assert abs(loss - ref_loss) <= 1e-12 * abs(ref_loss)
+        assert all(rel(grads[k], g) < 1e-12 for k, g in ref_grads.items())
