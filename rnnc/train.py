@@ -601,6 +601,7 @@ class Trainer:
                 print(f"rnnc: process {self.comm.rank} of {self.comm.size} failed "
                       f"({type(e).__name__}: {e}); stopping all of them", file=sys.stderr)  # fmt: skip
                 sys.stderr.flush()
+                time.sleep(1.0)  # the launcher forwards our stderr on its own time; Abort kills that
                 self.comm.abort(1)
             raise
         finally:
