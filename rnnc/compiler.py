@@ -195,6 +195,14 @@ def plans_for(g: Graph, gg: Graph | None, vjp: bool = False) -> dict[str, Plan]:
     return plans
 
 
+def forward_model(program: Program, g: Graph, wanted: dict[str, int], target: str, suffix: str) -> Model:
+    """A loaded model of one function, `forward`, computing `wanted` from g (a part of a
+    compiled model: decoding's encoder, or its decoder alone)."""
+    plans = {"forward": schedule(g, wanted)}
+    source = lower(g, plans, g.graph["file"], target)
+    return Model(program, g, None, plans, source, load_source(source, f"rnnc_{g.graph['model']}_{suffix}"), target)
+
+
 def compile_spec(
     path_or_text: str,
     target: str = "numpy",

@@ -77,58 +77,45 @@ def split(m: Model, x: str) -> Split:
     """Cut m between what depends on its generated input x's time domain and what does not."""
     import networkx as nx
 
+    from .compiler import forward_model
     from .graph import add_node, copy_graph, forward_outputs
-    from .load import load_source
-    from .lower import lower
     from .ops import GLOBAL, OPS, STATIC
-    from .schedule import schedule
 
     g = m.graph
-    dom = g.nodes[g.graph["inputs"][x]]["level"]
-    decoder = set().union(*({n} | nx.descendants(g, n) for n, d in g.nodes(data=True) if d["level"] == dom))
-    frontier = {u for u in g if u not in decoder and OPS[g.nodes[u]["op"]].kind != "leaf"
-                and g.nodes[u]["level"] != GLOBAL  # (weights packed from params: the step's own)
-                and any(v in decoder for v in g.successors(u))}  # fmt: skip
-    cut = frontier
+    clock = g.nodes[g.graph["inputs"][x]]["level"]
+    decoder = set().union(*({n} | nx.descendants(g, n) for n, d in g.nodes(data=True) if d["level"] == clock))
+    cut = {u for u in g if u not in decoder and OPS[g.nodes[u]["op"]].kind != "leaf"
+           and g.nodes[u]["level"] != GLOBAL  # (weights packed from params: the step's own)
+           and any(v in decoder for v in g.successors(u))}  # fmt: skip
     names = {u: cut_name(g, u) for u in cut}
-    enc_plan = schedule(g, {names[u]: u for u in cut})
-    encoder = Model(m.program, g, None, {"forward": enc_plan},
-                    src := lower(g, {"forward": enc_plan}, g.graph["file"], m.target),
-                    load_source(src, "rnnc_" + g.graph["model"] + "_encoder"), m.target)  # fmt: skip
+    encoder = forward_model(m.program, g, {names[u]: u for u in cut}, m.target, "encoder")
     h = copy_graph(g)
+    given: dict[str, int] = {}
     for u in cut:  # each cut value becomes an input of the step model
         d = g.nodes[u]
         dom = d["pair"] or d["level"]  # a value per step s of e ([S, B, ...]) comes in as e does
-        leaf = add_node(h, "input", (), names[u], d["span"], name=names[u], dom=dom)
-        h.nodes[leaf].update(shape=d["shape"], level=dom, classes=d["classes"])
+        given[names[u]] = reader = add_node(h, "input", (), names[u], d["span"], name=names[u], dom=dom)
+        h.nodes[reader].update(shape=d["shape"], level=dom, classes=d["classes"])
         if d["pair"]:  # ... and is read as every step s again (the attention keys, made once)
-            every = add_node(h, "every", [(leaf, 0)], None, d["span"], over=dom)
-            h.nodes[every].update(shape=d["shape"], level=STATIC, pair=dom)
-            leaf = every
+            reader = add_node(h, "every", [(reader, 0)], None, d["span"], over=dom)
+            h.nodes[reader].update(shape=d["shape"], level=STATIC, pair=dom)
         for _, v, key, e in list(h.out_edges(u, keys=True, data=True)):
-            h.add_edge(leaf, v, **e)
+            h.add_edge(reader, v, **e)
             h.remove_edge(u, v, key)
     wanted = {k: n for k, n in forward_outputs(h).items() if n in decoder}
     keep = set().union(*({n} | nx.ancestors(h, n) for n in wanted.values()))
     h.remove_nodes_from([n for n in list(h) if n not in keep])
     h.graph.update(loss=None, targets={}, outputs=wanted)
-    h.graph["inputs"] = {k: n for k, n in {**h.graph["inputs"], **{names[u]: n for n in h for u in cut
-                         if h.nodes[n]["name"] == names[u] and h.nodes[n]["op"] == "input"}}.items() if n in h}  # fmt: skip
-    for kind in ("params", "masks"):
-        h.graph[kind] = {k: n for k, n in h.graph.get(kind, {}).items() if n in h}
-    h.graph["domains"] = {
+    for kind in ("inputs", "params", "masks"):
+        h.graph[kind] = {k: n for k, n in {**h.graph.get(kind, {}), **(given if kind == "inputs" else {})}.items()
+                         if n in h}  # fmt: skip
+    h.graph["domains"] = {  # each domain with the inputs left to carry its length
         dm: {**info, "inputs": [k for k, n in h.graph["inputs"].items() if h.nodes[n]["level"] == dm]}
         for dm, info in g.graph["domains"].items()
         if any(h.nodes[n]["level"] == dm for n in h.graph["inputs"].values())
     }
-    for n in h.graph["inputs"].values():  # a cut input's domain carries its lengths
-        h.nodes[n]["attrs"]["dom"] = h.nodes[n]["level"]
-    step_plan = schedule(h, wanted)
-    step = Model(m.program, h, None, {"forward": step_plan},
-                 src := lower(h, {"forward": step_plan}, g.graph["file"], m.target),
-                 load_source(src, "rnnc_" + g.graph["model"] + "_step"), m.target)  # fmt: skip
-    levels = {names[u]: g.nodes[u]["pair"] or g.nodes[u]["level"] for u in cut}
-    return Split(encoder, step, levels)
+    step = forward_model(m.program, h, wanted, m.target, "step")
+    return Split(encoder, step, {names[u]: g.nodes[u]["pair"] or g.nodes[u]["level"] for u in cut})
 
 
 def cut_name(g, u: int) -> str:
