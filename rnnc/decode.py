@@ -202,6 +202,8 @@ def decode(m: Model, params: dict, steps: int, prime, static: dict | None = None
     step = Stepper(m, params, static, lengths)
     if prime.min() < 0 or prime.max() >= step.V:
         raise RnncError(f"prime tokens must lie in 0..{step.V - 1}", code="E544")
+    if end is not None and not 0 <= end < step.V:
+        raise RnncError(f"the end token {end} is not one of the model's tokens 0..{step.V - 1}", code="E544")
     if method == "beam":
         out = [beam(step.row(i), steps, row, width, end, alpha) for i, row in enumerate(prime)]
         return Decoded([t for t, _ in out], [s for _, s in out])

@@ -273,6 +273,9 @@ def test_the_command_line_says_what_token_decoding_needs(tmp_path, capsys):
     assert "--prime and --end take token ids for this model (0..23)" in capsys.readouterr().err
     assert main(base) == 2
     assert "decoding 'tgt_in' needs --prime" in capsys.readouterr().err
+    save_arrays(str(tmp_path / "d.npz"), {"src": np.zeros((3, 1, 20))})
+    assert main([*base, "--prime", "1", "--end", "24", "--data", str(tmp_path / "d.npz")]) == 1
+    assert "the end token 24 is not one of the model's tokens 0..23" in capsys.readouterr().err
 
 
 def test_an_encoder_runs_once_per_decode_and_the_step_has_no_encoder_loop():
