@@ -381,8 +381,7 @@ class Emitter:
             if n in self.running:  # the next step's value, 0 past the end
                 out.append(f"    {name}_run = {xp}.zeros((B,) + {shape!r}, dt)")
                 continue
-            S = f"{context_names(d['pair'])[0]}, " if d["pair"] else ""  # every step s it holds
-            out.append(f"    {name} = {xp}.empty(({past} + {T} + {fut}, {S}B) + {shape!r}, dt)")
+            out.append(f"    {name} = {xp}.empty(({past} + {T} + {fut}, {rows(d)}) + {shape!r}, dt)")
             if past:
                 fill = self.fill(n)
                 if init_of(g, n) is not None:
@@ -395,8 +394,7 @@ class Emitter:
         for n in loop.nodes:  # sums over the steps, added up as the loop runs
             if n in self.plan.accumulate:
                 d = g.nodes[n]
-                S = f"{context_names(d['pair'])[0]}, " if d["pair"] else ""
-                out.append(f"    {self.name(n)} = {xp}.zeros(({S}B,) + {tuple(d['shape'])!r}, dt)")
+                out.append(f"    {self.name(n)} = {xp}.zeros(({rows(d)},) + {tuple(d['shape'])!r}, dt)")
         items = self.fused.get(self.loop_ids[id(loop)], [loop.nodes])
         self.target.before_loop(self, items, T)
         rng = f"range({T})" if loop.direction > 0 else f"range({T} - 1, -1, -1)"
@@ -741,6 +739,12 @@ DRAW_MASKS = '''def draw_masks(inputs, rng, dtype=np.float64):
 
 def init_spec(init: Any) -> tuple[str | None, tuple]:
     return (None, ()) if init is None else (init.kind, tuple(init.args))
+
+
+def rows(d: dict) -> str:
+    """The leading axes of one step's (or one sequence's) value: B, or S, B for a value per
+    step s of another sequence (attention)."""
+    return f"{context_names(d['pair'])[0]}, B" if d["pair"] else "B"
 
 
 def context_names(dom: str) -> tuple[str, str]:

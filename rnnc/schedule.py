@@ -133,10 +133,7 @@ def sink_elementwise(
             if not isinstance(s, Once):
                 continue
             n, d = s.node, g.nodes[s.node]
-            op = OPS[d["op"]]
-            if op.kind != "pointwise" or d["op"] in ("matmul", "matmul_t") or n in wanted:
-                continue
-            if not is_seq(d["level"]) or any(e["delay"] for _, _, e in g.in_edges(n, data=True)):
+            if not movable(g, n) or n in wanted:
                 continue
             if not any(u in loop_of for u in g.pred[n]):
                 continue  # it reads only values made before any loop: hoisted on purpose
@@ -154,6 +151,19 @@ def sink_elementwise(
             loop_of[n] = target
             changed = True
     return steps
+
+
+def movable(g: Graph, n: int) -> bool:
+    """An elementwise value over the whole sequence (no GEMM, no delayed read), which a loop
+    over its domain may compute a step at a time instead."""
+    d = g.nodes[n]
+    if OPS[d["op"]].kind != "pointwise" or d["op"] in ("matmul", "matmul_t") or not is_seq(d["level"]):
+        return False
+    return not any(e["delay"] for _, _, e in g.in_edges(n, data=True))
+
+
+def positions(steps: list[Once | Loop]) -> dict[int, int]:
+    return {n: i for i, x in enumerate(steps) for n in (x.nodes if isinstance(x, Loop) else [x.node])}
 
 
 def accumulators(
@@ -189,19 +199,16 @@ def accumulators(
 def sunk_term(g: Graph, steps: list[Once | Loop], loop_of: dict, u: int, r: int, keep: set[int]) -> Loop | None:
     """Move u, an elementwise step over the whole sequence read only by r, into the loop whose
     values it reads (its other operands come before that loop); that loop, or None."""
-    d = g.nodes[u]
     step = next((x for x in steps if isinstance(x, Once) and x.node == u), None)
-    if step is None or OPS[d["op"]].kind != "pointwise" or d["op"] in ("matmul", "matmul_t"):
+    if step is None or not movable(g, u) or {v for v in g.successors(u) if v in keep} != {r}:
         return None
-    if not is_seq(d["level"]) or any(e["delay"] for _, _, e in g.in_edges(u, data=True)):
-        return None
-    if {v for v in g.successors(u) if v in keep} != {r}:
-        return None
-    at = {n: i for i, x in enumerate(steps) for n in (x.nodes if isinstance(x, Loop) else [x.node])}
+    at = positions(steps)
     loops = [loop_of[x] for x in g.predecessors(u) if x in loop_of]
     if not loops:
         return None
     loop = max(loops, key=lambda x: at[x.nodes[0]])  # the last loop it reads: the rest is made before
+    if loop.dom != g.nodes[u]["level"]:
+        return None
     for x in g.predecessors(u):
         if x in loop.nodes or at.get(x, -1) < at[loop.nodes[0]]:
             continue
@@ -210,9 +217,7 @@ def sunk_term(g: Graph, steps: list[Once | Loop], loop_of: dict, u: int, r: int,
             return None
         steps.remove(early)  # (a view of a value made before the loop, listed after it)
         steps.insert(steps.index(loop), early)
-        at = {n: i for i, y in enumerate(steps) for n in (y.nodes if isinstance(y, Loop) else [y.node])}
-    if loop.dom != d["level"]:
-        return None
+        at = positions(steps)
     steps.remove(step)
     loop.nodes = body_order(g, [*loop.nodes, u])
     loop_of[u] = loop
