@@ -144,6 +144,10 @@ class Stepper:
         dom = m.inputs[self.x][1]
         self.own = {d["name"] for _, d in m.graph.nodes(data=True) if d["name"] and d["level"] == dom}
         self.carry: dict | None = None
+        # attention over the generated sequence's own steps (h[s]) needs every step so far,
+        # which no carried state holds: such a model reruns the whole prefix each step
+        self.rerun = any(d["pair"] == dom for _, d in m.graph.nodes(data=True))
+        self.prefix: np.ndarray | None = None  # (with rerun: the tokens so far)
         self.model = m
         if any(m.inputs[k][1] != "static" for k in self.given):  # an encoder: run it once
             self.encode()
@@ -164,15 +168,20 @@ class Stepper:
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         """tokens [T, B] -> the distribution after the last of them, [B, V] (float64)."""
+        if self.rerun:  # the whole prefix, from the start
+            tokens = self.prefix = tokens if self.prefix is None else np.concatenate([self.prefix, tokens])
         x = np.eye(self.V)[tokens]
         out, carry = self.model.forward(self.params, {self.x: x, **self.given}, lengths=self.lengths or None,
                                         carry=self.carry, return_carry=True)  # fmt: skip
-        self.carry = {k: v for k, v in carry.items() if k in self.own}
+        if not self.rerun:
+            self.carry = {k: v for k, v in carry.items() if k in self.own}
         return np.asarray(on_host(out[self.o][-1]), np.float64)
 
     def keep(self, rows: np.ndarray) -> None:
         """Keep (and repeat) these batch rows of the state and of the other inputs."""
         self.carry = None if self.carry is None else {k: v[:, rows] for k, v in self.carry.items()}
+        if self.prefix is not None:
+            self.prefix = self.prefix[:, rows]
         self.given = {k: v[:, rows] if k in self.seqs else v[rows] for k, v in self.given.items()}
         self.lengths = {k: v[rows] for k, v in self.lengths.items()}
 
@@ -180,6 +189,7 @@ class Stepper:
         """A stepper for sequence i alone, from its start."""
         one = copy.copy(self)
         one.carry = None
+        one.prefix = None
         one.keep(np.array([i]))
         return one
 

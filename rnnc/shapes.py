@@ -448,7 +448,8 @@ class ShapeSolver:
             if d["op"] == "every":
                 lv = g.nodes[ins[0][0]]["level"]
                 if not is_seq(lv):
-                    raise self.err(f"'{label(g, ins[0][0])}' has one value per sequence: there are no steps s "
+                    per = "for the whole model" if lv == GLOBAL else "per sequence"
+                    raise self.err(f"'{label(g, ins[0][0])}' has one value {per}: there are no steps s "
                                    "to read", d["span"], hint="x[s] reads every step of a sequence", code="E403")  # fmt: skip
                 if pairs[0] is not None:
                     raise self.err("reads every step s of a value that already holds every step s",

@@ -309,3 +309,33 @@ def test_attention_keys_are_made_once_per_batch_not_per_decoding_step():
     parts = split(m, "tgt_in")
     assert parts.cut == {"keys": "src", "e.h[s]": "src"}
     assert "Wa" not in parts.step.params and "Wa" in parts.encoder.params
+
+
+SELF_ATTENTION_LM = """use GRU
+
+model sa_lm {
+  dim V = 4, H = 4
+  input x[V] : sequence
+  target y : sequence of class(V)
+  param Wq[H, H], Wk[H, H], Wo[V, 2 * H], bo[V]
+  h = GRU(x, H=H)
+  a = softmax(sum((Wq @ h) * (Wk @ h[s])), over=s)
+  ctx = sum(a * h[s], over=s)
+  o = softmax(Wo @ concat(h, ctx) + bo)
+  loss = cross_entropy(o, y)
+  generate x = onehot(sample(o[t-1]))
+}
+"""
+
+
+def test_a_model_attending_over_its_own_past_decodes_as_the_full_pass():
+    """No carried state holds every step so far: a step of a self-attention model reruns the
+    whole prefix, so its distribution is still the full pass's, and beam search exhaustive."""
+    m, p = model(SELF_ATTENTION_LM)
+    prime = np.array([[1, 2, 3], [0, 3, 3]])
+    out = decode(m, p, 4, prime, method="greedy")
+    tokens = np.concatenate([prime, np.array(out.tokens)], axis=1)
+    assert rel(np.array(out.probs), full_pass(m, p, tokens[:, :-1].T, 4)[2:]) < 1e-12
+    best, lp = exhaustive(m, p, [2, 0], 3, 4)
+    wide = decode(m, p, 3, [[2, 0]], method="beam", width=16)
+    assert wide.tokens[0] == best and abs(wide.scores[0] - lp) < 1e-12
