@@ -29,11 +29,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SIZES = {"small": (1, 100, 64, 64), "medium": (32, 100, 256, 256), "large": (64, 50, 512, 512),
          "long": (16, 500, 128, 128)}  # fmt: skip
 CELLS = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU"}
-SYSTEMS = ["rnnc", "torch", "jax", "ort"]
+SYSTEMS = ["rnnc", "native", "torch", "jax", "ort"]  # rnnc: the NumPy target; native: --target native
+OURS = ("rnnc", "native")
 # --custom: cells PyTorch has no layer for, from rnnc's library, against the same cell written
 # as a PyTorch Python loop, that loop under torch.compile, and a JAX lax.scan
 CUSTOM = {"mgu": "MGU", "peephole": "PeepholeLSTM", "lnlstm": "LNLSTM"}
-CUSTOM_SYSTEMS = ["rnnc", "loop", "compile", "jax"]
+CUSTOM_SYSTEMS = ["rnnc", "native", "loop", "compile", "jax"]
 SPEC = """use {cell}
 
 model m {{
@@ -47,7 +48,7 @@ model m {{
 
 
 def available(system: str) -> bool:
-    mod = {"rnnc": "numpy", "torch": "torch", "loop": "torch", "compile": "torch", "jax": "jax",
+    mod = {"rnnc": "numpy", "native": "numba", "torch": "torch", "loop": "torch", "compile": "torch", "jax": "jax",
            "ort": "onnxruntime"}[system]  # fmt: skip
     try:
         __import__(mod)
@@ -75,13 +76,13 @@ def torch_reference(cell: str, B: int, T: int, I: int, H: int):
     return ref, x, y, want
 
 
-def calls_rnnc(cell, ref, x, y, I, H):
+def calls_rnnc(cell, ref, x, y, I, H, target="numpy"):
     import numpy as np
 
     from rnnc.compiler import compile_spec
     from rnnc.interop import from_torch
 
-    m = compile_spec(SPEC.format(cell=CELLS[cell], I=I, H=H))
+    m = compile_spec(SPEC.format(cell=CELLS[cell], I=I, H=H), target=target)
     _, p64, _ = from_torch(ref.double(), model=m)
     ref.float()
     params = {k: v.astype(np.float32) for k, v in p64.items()}
@@ -257,7 +258,11 @@ def calls_loop(cell, m, w, x, y, H, compiled: bool):
 
 
 def custom_calls(system, cell, m, w, x, y, H):
-    if system == "rnnc":
+    if system == "native":
+        from rnnc.compiler import compile_spec
+
+        m = compile_spec(SPEC.format(cell=CUSTOM[cell], I=x.shape[-1], H=H), target="native")
+    if system in OURS:
         return (lambda: {"out": m.forward(w, {"x": x})["h"]}), (lambda: m.loss_and_grads(w, {"x": x}, {"y": y})[1])
     if system in ("loop", "compile"):
         return calls_loop(cell, m, w, x, y, H, compiled=system == "compile")
@@ -289,7 +294,9 @@ def worker(system: str, points: list, iters: int) -> None:
     import numpy as np
 
     sys.path.insert(0, os.path.join(HERE, ".."))
-    make = {"rnnc": calls_rnnc, "torch": calls_torch, "jax": calls_jax, "ort": calls_ort}.get(system)
+    native = lambda *a: calls_rnnc(*a, target="native")  # noqa: E731
+    make = {"rnnc": calls_rnnc, "native": native, "torch": calls_torch, "jax": calls_jax,
+            "ort": calls_ort}.get(system)  # fmt: skip
     for cell, size in points:
         B, T, I, H = SIZES[size]
         if cell in CUSTOM:
@@ -347,17 +354,19 @@ def main() -> int:
     print(f"float32, median of {a.rounds} rounds x {a.iters} calls; ms per call; err = largest norm-wise "
           f"difference from {yardstick}{'; not installed: ' + ', '.join(missing) if missing else ''}")  # fmt: skip
     print(f"{'cell':5s} {'B,T,I,H':15s} {'mode':9s} " + " ".join(f"{s:>9s}" for s in systems)
-          + f" {'best peer':>9s} {'rnnc/best':>9s} {'max err':>8s}")  # fmt: skip
+          + f" {'best peer':>9s} {'rnnc/best':>9s} {'native/best':>11s} {'max err':>8s}")  # fmt: skip
     for cell, size in points:
         for mode in ("forward", "training"):
             ms = {s: sorted(r["ms"] for r in runs[(cell, size, mode, s)])[a.rounds // 2]
                   for s in systems if (cell, size, mode, s) in runs}  # fmt: skip
             err = max(r["err"] for s in systems for r in runs.get((cell, size, mode, s), []))
-            peers = {s: t for s, t in ms.items() if s != "rnnc"}
+            peers = {s: t for s, t in ms.items() if s not in OURS}
             best = min(peers, key=peers.get) if peers else None
-            ratio = f"{ms['rnnc'] / peers[best]:9.2f}" if best and "rnnc" in ms else f"{'-':>9s}"
+            ratio, ratio_native = (f"{ms[s] / peers[best]:{w}.2f}" if best and s in ms else f"{'-':>{w}s}"
+                                   for s, w in (("rnnc", 9), ("native", 11)))  # fmt: skip
             cols = " ".join(f"{ms[s]:9.2f}" if s in ms else f"{'-':>9s}" for s in systems)
-            print(f"{cell:5s} {','.join(map(str, SIZES[size])):15s} {mode:9s} {cols} {best or '-':>9s} {ratio} {err:8.1e}")
+            print(f"{cell:5s} {','.join(map(str, SIZES[size])):15s} {mode:9s} {cols} {best or '-':>9s} "
+                  f"{ratio} {ratio_native} {err:8.1e}")
     return 0
 
 

@@ -251,15 +251,15 @@ def explain_costs(a, m) -> int:
     plans = {k: m.plans[k] for k in ("forward", "loss_and_grads") if k in m.plans}
     costs = loop_costs(plans, a.batch, 4, a.target, a.steps)
     measured: dict[str, float] = {}
-    if a.target == "numpy":  # the CuPy target is timed by `rnnc bench --target cupy` on a GPU
+    if a.target != "cupy":  # the CuPy target is timed by `rnnc bench --target cupy` on a GPU
         require_memory(estimate(m, a.steps, a.batch, np.float32).total,
                        f"timing {m.graph.graph['model']} at --batch {a.batch} over {a.steps:,d} steps")  # fmt: skip
-        loaded = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model)
+        loaded = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model, target=a.target)
         calls = bench_calls(loaded, a.steps, a.batch, 0)
         for fname, call in zip(("forward", "loss_and_grads"), calls.values(), strict=True):
             if fname not in plans:
                 continue  # a model without a loss: its forward pass only
-            call()  # warm-up
+            call()  # warm-up (the native target compiles its loops here, or loads them)
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
@@ -655,8 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--target",
         default="numpy",
-        choices=["numpy", "cupy"],
-        help="numpy, or cupy (fused CUDA kernels; the code is written on any machine)",
+        choices=["numpy", "native", "cupy"],
+        help="numpy; native (each time loop compiled by numba: pip install rnnc[native]); or cupy "
+        "(fused CUDA kernels; the code is written on any machine)",
     )
     c.add_argument("-o", "--output", help="model.py (default: stdout)")
     c.add_argument("--explain", action="store_true", help="print, per loop, the GEMMs, pointwise work, "
@@ -668,8 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--target",
         default="numpy",
-        choices=["numpy", "cupy"],
-        help="cupy runs on an NVIDIA GPU (needs rnnc[cupy])",
+        choices=["numpy", "native", "cupy"],
+        help="native compiles each time loop (needs rnnc[native]); cupy runs on an NVIDIA GPU "
+        "(needs rnnc[cupy])",
     )
     c.add_argument("--params", help=".npz or .safetensors of parameters (default: fresh from --seed); with "
                    "--train, the parameters to start from (fine-tuning)")
@@ -711,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=positive_int, default=32)
     c.add_argument("--repeat", type=positive_int, default=5)
     c.add_argument("--seed", type=seed_int, default=0)
-    c.add_argument("--target", default="numpy", choices=["numpy", "cupy"],
+    c.add_argument("--target", default="numpy", choices=["numpy", "native", "cupy"],
                    help="cupy times the fused GPU code (needs rnnc[cupy] and a GPU)")  # fmt: skip
     c.add_argument("--against", metavar="SPEC", help="a second spec timed in the same rounds (same --dim): "
                    "per-step times side by side, and the ratio")  # fmt: skip

@@ -132,7 +132,16 @@ class Model:
         return self.module.draw_masks(inputs, rng)
 
 
-TARGETS = ("numpy", "cupy")
+TARGETS = ("numpy", "native", "cupy")
+
+
+def require_numba() -> None:
+    """Raise a worded error unless numba imports (the native target's compiler)."""
+    try:
+        import numba  # noqa: F401
+    except ImportError as e:
+        raise RnncError(f"the native target needs numba, which does not import ({e})", Span(),
+                        hint='pip install "rnnc[native]", or use --target numpy', code="E503") from None
 
 
 def require_gpu() -> None:
@@ -220,6 +229,8 @@ def compile_spec(
                         code="E502")  # fmt: skip
     if target == "cupy" and load:
         require_gpu()
+    if target == "native" and load:
+        require_numba()
     from .optimize import optimize as opt
 
     text, file = read_spec(path_or_text)

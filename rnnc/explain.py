@@ -105,7 +105,7 @@ VIEW_OPS = ("slice", "identity")  # no work of their own: a view, or a name
 @dataclass
 class LoopCost:
     """One loop's work per step: GEMMs as (rows, K, N), pointwise ops and their elements,
-    the kernels a step launches (CuPy target), the bytes a step keeps for the backward pass."""
+    the kernels a step launches (CuPy and native targets), the bytes a step keeps for the backward pass."""
 
     function: str
     direction: int
@@ -133,7 +133,7 @@ def loop_costs(plans: dict[str, Plan], B: int, itemsize: int, target: str = "num
     out = []
     for fname, plan in plans.items():
         g = plan.graph
-        fused = loop_kernels(plan, fname, str) if target == "cupy" else {}
+        fused = loop_kernels(plan, fname, str) if target in ("cupy", "native") else {}
         for i, step in enumerate(plan.steps):
             if not isinstance(step, Loop):
                 continue

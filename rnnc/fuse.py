@@ -321,7 +321,7 @@ def make(
             inputs[key] = Arg(
                 base, delay, "per_b", 0, mask=True, name=f"in{len(inputs)}", ahead=nxt
             )
-        return f"({inputs[key].name}[b] ? {text} : {fill_text(u, off)})"
+        return f"pick_({inputs[key].name}[b], {text}, {fill_text(u, off)})"
 
     def fill_text(u: int, off: int | None) -> str:
         init = init_of(g, u)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import sys
 import tempfile
 import types
 
@@ -22,5 +23,6 @@ def load_source(source: str, name: str = "rnnc_model") -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(f"{name}_{digest}", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # numba's on-disk cache finds a compiled loop's module by name
     spec.loader.exec_module(module)
     return module

@@ -25,6 +25,7 @@ from .interpret import context
 from .ops import OPS, operand_text, render, slot_prec_of, slot_uses
 from .schedule import Loop, Once, Plan
 from .target_cupy import CupyTarget
+from .target_numba import NativeTarget
 from .target_numpy import NumpyTarget, at
 
 MAX_NAME = 24
@@ -764,7 +765,7 @@ def helper_sources() -> dict[str, tuple[int, str, set[str]]]:
     return out
 
 
-TARGETS = {"numpy": NumpyTarget, "cupy": CupyTarget}
+TARGETS = {"numpy": NumpyTarget, "native": NativeTarget, "cupy": CupyTarget}
 
 
 def lower(

@@ -390,6 +390,7 @@ defop("clip", 3, same, "np.clip({0}, {1}, {2})", smooth=False, vjp=lambda g, y, 
 # front by the generated module); constants are cast so float kernels stay in float.
 CUDA_PRELUDE = r"""
 #define R(x) ((real)(x))
+#define pick_(m, a, b) ((m) ? (a) : (b))  /* a masked read: a inside the sequence, else b */
 __device__ __forceinline__ real sigmoid_(real x) {  /* no overflow, no underflow to 0 */
   real e = exp(-fabs(x));
   return (x < R(0) ? e : R(1)) / (R(1) + e);

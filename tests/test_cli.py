@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -202,3 +203,15 @@ def test_compile_explain_a_model_without_a_loss(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "forward (B=2, T=3):" in out and "GEMMs [2x4]·[4x4]" in out and "loss_and_grads" not in out
     assert re.search(r"measured: \d+ us a step", out)
+
+
+def test_the_native_target_without_numba_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now fails
+    code = main(["run", os.path.join(SPECS, "elman.rnn"), "--target", "native", "--train",
+                 "--task", "adding", "--steps", "1", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "error[E503]: the native target needs numba" in err
+    assert 'pip install "rnnc[native]"' in err and "Traceback" not in err
+    # the code itself is written on any machine
+    assert main(["compile", os.path.join(SPECS, "elman.rnn"), "--target", "native"]) == 0
+    assert "@native" in capsys.readouterr().out

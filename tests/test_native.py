@@ -1,0 +1,142 @@
+"""The native target (--target native): each time loop, with the step's fused kernels, compiled
+by numba. Checked against the NumPy target (the readable reference, itself checked against the
+unrolled interpreter and central differences in test_specs.py), and its float32 tanh against
+the float64 libm one."""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import random_data, rel, small_dims
+
+from rnnc.cli import main
+from rnnc.compiler import compile_spec
+
+numba = pytest.importorskip("numba", reason="the native target needs numba (pip install rnnc[native])")
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+BENCH = sorted(glob.glob(os.path.join(ROOT, "bench", "specs", "*.rnn")))
+# loops numba cannot type yet (values over every step s of another sequence): they run as Python
+AS_PYTHON = {"attention_additive.rnn", "attention_dot.rnn"}
+
+
+def both(spec: str, dims: dict[str, int]):
+    return compile_spec(spec, dims=dims), compile_spec(spec, dims=dims, target="native")
+
+
+def test_every_spec_equals_the_numpy_target_in_float64(spec):
+    ref, m = both(spec, small_dims(spec))
+    _Ts, params, inputs, targets, L = random_data(ref.graph, 6, 3, seed=2, lengths=True)
+    loss0, g0 = ref.loss_and_grads(params, inputs, targets, lengths=L, with_inputs=True)
+    loss1, g1 = m.loss_and_grads(params, inputs, targets, lengths=L, with_inputs=True)
+    assert abs(loss1 - loss0) <= 1e-12 * abs(loss0)
+    assert set(g1) == set(g0)
+    for k in g0:
+        assert rel(g1[k], g0[k]) < 1e-12, k
+    o0, o1 = ref.forward(params, inputs, lengths=L), m.forward(params, inputs, lengths=L)
+    for k in o0:
+        assert rel(o1[k], o0[k]) < 1e-12, k
+    ran = m.module.NATIVE
+    assert ran, "the compiled loops ran"
+    if os.path.basename(spec) in AS_PYTHON:
+        assert all(m.module.NATIVE_WHY[k] for k, v in ran.items() if not v)
+    else:
+        assert all(ran.values()), m.module.NATIVE_WHY
+
+
+@pytest.mark.parametrize("spec", BENCH, ids=[os.path.basename(s) for s in BENCH])
+def test_float32_stays_float32_and_equals_the_numpy_target(spec):
+    ref, m = both(spec, {"I": 12, "H": 16})
+    _Ts, params, inputs, targets, L = random_data(ref.graph, 7, 3, seed=3, lengths=True)
+    params = {k: v.astype(np.float32) for k, v in params.items()}
+    inputs = {k: v.astype(np.float32) for k, v in inputs.items()}
+    targets = {k: v.astype(np.float32) for k, v in targets.items()}
+    loss0, g0 = ref.loss_and_grads(params, inputs, targets, lengths=L)
+    loss1, g1 = m.loss_and_grads(params, inputs, targets, lengths=L)
+    assert abs(loss1 - loss0) <= 1e-5 * abs(loss0)
+    for k in g0:
+        assert g1[k].dtype == np.float32, k
+        assert rel(g1[k], g0[k]) < 1e-5, k
+    assert all(m.module.NATIVE.values()), m.module.NATIVE_WHY
+
+
+def test_float32_tanh_is_within_8_ulp_of_libm():
+    m = compile_spec(os.path.join(ROOT, "bench", "specs", "rnn_layer.rnn"), dims={"I": 2, "H": 2},
+                     target="native")  # fmt: skip
+    x = np.concatenate([np.linspace(-12, 12, 400_001), [0.0, 1e-30, -1e-30, 3e-4, 5e-4, 40.0, -40.0]])
+    x = x.astype(np.float32)
+    y = m.module.tanh32(x)
+    assert y.dtype == np.float32
+    want = np.array([math.tanh(float(v)) for v in x[::97]] + [math.tanh(float(v)) for v in x[-7:]])
+    got = np.concatenate([y[::97], y[-7:]]).astype(np.float64)
+    ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(got - want) / ulp) <= 8
+    assert np.array_equal(m.module.tanh32(-x), -y)  # odd
+    assert np.all(np.abs(y) <= 1)
+
+
+def test_a_loop_numba_cannot_type_runs_as_python_and_says_why():
+    ref, m = both(os.path.join(ROOT, "specs", "attention_dot.rnn"), {"S": 5, "V": 6, "H": 4})
+    _Ts, params, inputs, targets, L = random_data(ref.graph, 5, 3, seed=4, lengths=True)
+    loss0, g0 = ref.loss_and_grads(params, inputs, targets, lengths=L)
+    loss1, g1 = m.loss_and_grads(params, inputs, targets, lengths=L)
+    assert abs(loss1 - loss0) <= 1e-12 * abs(loss0)
+    assert all(rel(g1[k], g0[k]) < 1e-12 for k in g0)
+    python = [k for k, v in m.module.NATIVE.items() if not v]
+    assert python and all("signature" in m.module.NATIVE_WHY[k] for k in python)
+    assert any(m.module.NATIVE.values())  # the encoder's loops compiled
+
+
+def test_the_module_reads_like_the_numpy_target_and_runs_without_rnnc(tmp_path):
+    path = tmp_path / "model.py"
+    spec = os.path.join(ROOT, "specs", "lstm.rnn")
+    assert main(["compile", spec, "--dim", "H=8", "--target", "native", "-o", str(path)]) == 0
+    src = path.read_text()
+    assert "import numba" in src and "import rnnc" not in src
+    assert "@native\ndef loss_and_grads_steps0(" in src
+    assert "# c = f * c[t-1] + i * g  (lstm.rnn:10)" in src
+    script = (
+        "import sys, importlib.util, numpy as np\n"
+        "sys.modules['rnnc'] = None\n"
+        "s = importlib.util.spec_from_file_location('model', sys.argv[1])\n"
+        "m = importlib.util.module_from_spec(s); sys.modules['model'] = m; s.loader.exec_module(m)\n"
+        "p = m.init_params(0)\n"
+        "x = np.random.default_rng(0).normal(size=(5, 2, 27)).astype(np.float32)\n"
+        "y = np.zeros((5, 2), int)\n"
+        "loss, g = m.loss_and_grads(p, {'x': x}, {'y': y})\n"
+        "print('ok', all(m.NATIVE.values()), np.isfinite(loss))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                         cwd=tmp_path, check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "ok True True"
+
+
+def test_the_cli_trains_with_the_native_target_as_with_numpy(tmp_path):
+    weights = []
+    for target in ("numpy", "native"):
+        ck = tmp_path / f"{target}.npz"
+        args = ["run", os.path.join(ROOT, "specs", "adding_lstm.rnn"), "--task", "adding", "--dim", "H=8",
+                "--seq-len", "6", "--batch", "4", "--steps", "12", "--train", "--float64", "--quiet",
+                "--seed", "3", "--target", target, "--checkpoint", str(ck)]  # fmt: skip
+        assert main(args) == 0
+        weights.append(dict(np.load(ck)))
+    assert set(weights[0]) == set(weights[1])
+    for k in weights[0]:
+        assert rel(weights[1][k], weights[0][k]) < 1e-10, k
+
+
+def test_explain_counts_the_kernels_and_times_the_native_code(capsys):
+    spec = os.path.join(ROOT, "bench", "specs", "lstm_layer.rnn")
+    args = ["compile", spec, "--target", "native", "--explain", "--batch", "2", "--steps", "5", "--dim", "H=8", "--dim", "I=4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "lstm_layer, native target, float32" in out
+    assert out.count("1 fused kernel") == 3  # forward; and loss_and_grads' forward and backward loops
+    assert out.count("measured:") == 2
