@@ -157,11 +157,14 @@ def numpy_blas():
     try:
         lib = ctypes.CDLL(sorted(glob.glob(where))[0])
         out = []
-        for name, real in (("scipy_cblas_sgemm64_", numba.float32), ("scipy_cblas_dgemm64_", numba.float64)):
-            llvmlite.binding.add_symbol(name, ctypes.cast(getattr(lib, name), ctypes.c_void_p).value)
-            i, n, p = numba.int32, numba.int64, numba.types.voidptr
-            out.append(numba.types.ExternalFunction(name, numba.void(i, i, i, n, n, n, real, p, n, p, n, real, p, n)))
-        return tuple(out)
+        i, n, p = numba.int32, numba.int64, numba.types.voidptr
+        for x, real in (("s", numba.float32), ("d", numba.float64)):
+            for kind, sig in (("gemm", numba.void(i, i, i, n, n, n, real, p, n, p, n, real, p, n)),
+                              ("gemv", numba.void(i, i, n, n, real, p, n, p, n, real, p, n))):
+                name = f"scipy_cblas_{x}{kind}64_"
+                llvmlite.binding.add_symbol(name, ctypes.cast(getattr(lib, name), ctypes.c_void_p).value)
+                out.append(numba.types.ExternalFunction(name, sig))
+        return tuple(out)  # sgemm, sgemv, dgemm, dgemv
     except (IndexError, OSError, AttributeError):
         return None
 
@@ -179,7 +182,7 @@ def matmul_blas(a, b):
     if (BLAS is None or a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or "A" in (a.layout, b.layout)
             or a.dtype not in (numba.float32, numba.float64)):
         return lambda a, b: a @ b
-    gemm = BLAS[0] if a.dtype == numba.float32 else BLAS[1]
+    gemm, gemv = BLAS[:2] if a.dtype == numba.float32 else BLAS[2:]
     ta, tb = (111 if a.layout == "C" else 112), (111 if b.layout == "C" else 112)
     one, zero = (np.float32(1), np.float32(0)) if a.dtype == numba.float32 else (1.0, 0.0)
 
@@ -187,7 +190,12 @@ def matmul_blas(a, b):
         M, K = a.shape
         N = b.shape[1]
         out = np.empty((M, N), a.dtype)
-        if M and N and K:
+        if M == 1 and N and K:  # one sequence: a matrix-vector product costs a third of a GEMM call
+            if tb == 111:  # b is [K, N] row-major: out = b^T a
+                gemv(101, 112, K, N, one, b.ctypes, max(N, 1), a.ctypes, 1, zero, out.ctypes, 1)
+            else:  # b is W^T with W [N, K] row-major: out = W a
+                gemv(101, 111, N, K, one, b.ctypes, max(K, 1), a.ctypes, 1, zero, out.ctypes, 1)
+        elif M and N and K:
             lda = max(K if ta == 111 else M, 1)
             ldb = max(N if tb == 111 else K, 1)
             gemm(101, ta, tb, M, N, K, one, a.ctypes, lda, b.ctypes, ldb, zero, out.ctypes, max(N, 1))

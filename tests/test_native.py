@@ -140,3 +140,16 @@ def test_explain_counts_the_kernels_and_times_the_native_code(capsys):
     assert "lstm_layer, native target, float32" in out
     assert out.count("1 fused kernel") == 3  # forward; and loss_and_grads' forward and backward loops
     assert out.count("measured:") == 2
+
+
+@pytest.mark.parametrize("spec", ["lstm_layer.rnn", "gru_layer.rnn"])
+def test_one_sequence_takes_the_matrix_vector_products_exactly(spec):
+    # B = 1: the step's products are BLAS gemv calls (x @ W.T forward, dz @ W backward)
+    ref, m = both(os.path.join(ROOT, "bench", "specs", spec), {"I": 5, "H": 7})
+    _Ts, params, inputs, targets, _ = random_data(ref.graph, 6, 1, seed=5)
+    loss0, g0 = ref.loss_and_grads(params, inputs, targets, with_inputs=True)
+    loss1, g1 = m.loss_and_grads(params, inputs, targets, with_inputs=True)
+    assert abs(loss1 - loss0) <= 1e-12 * abs(loss0)
+    for k in g0:
+        assert rel(g1[k], g0[k]) < 1e-12, k
+    assert all(m.module.NATIVE.values())
