@@ -17,8 +17,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = ["nn.LSTM", "rnnc.torch.Module", "Module(recompute=True)", "python loop",
-            "torch.compile(loop)"]  # fmt: skip
+VARIANTS = ["nn.LSTM", "rnnc.torch.Module", "Module(target='native')", "Module(recompute=True)",
+            "python loop", "torch.compile(loop)"]  # fmt: skip
 SPEC = "use LSTM\n\nmodel m {{\n  dim I = {I}, H = {H}\n  input x[I] : sequence\n  h = LSTM(x, H=H)\n}}\n"
 
 
@@ -32,8 +32,9 @@ def build(variant: str, B: int, T: int, N: int):
     ref = torch.nn.LSTM(N, N)
     if variant == "nn.LSTM":
         return ref, lambda x: ref(x)[0]
-    if variant in ("rnnc.torch.Module", "Module(recompute=True)"):
-        cell = rt.Module(SPEC.format(I=N, H=N), recompute="recompute" in variant)
+    if variant.startswith(("rnnc.torch.Module", "Module(")):
+        cell = rt.Module(SPEC.format(I=N, H=N), recompute="recompute" in variant,
+                         target="native" if "native" in variant else None)
         with torch.no_grad():
             for name, p in cell.named_rnnc_parameters().items():
                 p.copy_(getattr(ref, name.split(".")[1] + "_l0"))

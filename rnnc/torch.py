@@ -60,8 +60,8 @@ class Module(torch.nn.Module):
                  model: str | None = None, seed: int = 0, dtype: Any = torch.float32,
                  recompute: bool = False, target: str | None = None):  # fmt: skip
         super().__init__()
-        if target not in (None, "numpy", "cupy"):
-            raise RnncError(f"unknown target '{target}' (numpy, cupy, or None: by the device)",
+        if target not in (None, "numpy", "native", "cupy"):
+            raise RnncError(f"unknown target '{target}' (numpy, native, cupy, or None: by the device)",
                             code="E574")  # fmt: skip
         self.recompute, self.target = recompute, target
         self.text, self.file = read_spec(spec)
@@ -106,8 +106,8 @@ class Module(torch.nn.Module):
     def target_for(self, x) -> str:
         """The target given, or the one for the tensors' device: CuPy for a CUDA tensor."""
         want = self.target or ("cupy" if x.device.type == "cuda" else "numpy")
-        if want == "numpy" and x.device.type != "cpu":
-            raise RnncError(f"the NumPy target runs on the CPU; these tensors are on {x.device} "
+        if want != "cupy" and x.device.type != "cpu":
+            raise RnncError(f"the {want} target runs on the CPU; these tensors are on {x.device} "
                             "(target='cupy' runs on CUDA devices)", code="E574")  # fmt: skip
         return want
 
@@ -134,7 +134,7 @@ def to_array(t, target: str):
     """The array rnnc reads for a tensor, sharing its memory: a NumPy view on the CPU, a CuPy
     array through DLPack on the GPU."""
     t = t.detach()
-    if target == "numpy":
+    if target != "cupy":  # numpy, native: the CPU
         return t.numpy()
     import cupy
 
@@ -143,7 +143,7 @@ def to_array(t, target: str):
 
 def tensor(a, target: str, copy: bool = False):
     """A torch tensor of rnnc's array (copied first where the array is the tape's own)."""
-    if target == "numpy":
+    if target != "cupy":
         return torch.from_numpy(np.array(a) if copy else np.ascontiguousarray(a))
     import cupy
 

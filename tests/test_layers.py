@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "rnnc")
 ORDER = ["errors", "ops", "syntax", "kernels", "parse", "format", "imports", "graph", "elaborate", "shapes",
-         "check", "unroll", "interpret", "grad", "optimize", "schedule", "fuse", "target_numpy", "target_cupy", "lower", "explain",
+         "check", "unroll", "interpret", "grad", "optimize", "schedule", "fuse", "target_numpy", "target_cupy", "target_numba", "lower", "explain",
          "load", "memory", "files", "data", "parallel", "picture", "compiler", "interop", "torch", "export", "gradcheck", "tasks", "decode", "train", "cli", "cli_entry"]  # fmt: skip
 
 

@@ -35,20 +35,32 @@ def copy_from(cell: rt.Module, ref) -> None:
             p.copy_(getattr(ref, name.split(".")[1] + "_l0"))
 
 
+def native_if(target):
+    if target == "native":
+        pytest.importorskip("numba", reason="the native target needs numba (pip install '.[native]')")
+
+
+@pytest.mark.parametrize("target", [None, "native"])
 @pytest.mark.parametrize("spec", [LSTM_SPEC, CUSTOM], ids=["library-lstm", "custom-cell"])
-def test_torch_gradcheck_in_float64(spec):
+def test_torch_gradcheck_in_float64(spec, target):
+    native_if(target)
     torch.manual_seed(0)
-    cell = rt.Module(spec, dtype=torch.float64).eval()  # zoneout at its expectation
+    cell = rt.Module(spec, dtype=torch.float64, target=target).eval()  # zoneout at its expectation
     x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(2, 4 if spec == CUSTOM else 5, dtype=torch.float64, requires_grad=True)
     L = np.array([5, 3])
     assert torch.autograd.gradcheck(lambda x, h0, *p: cell(x, lengths=L, init={"h.h.init": h0}),
                                     (x, h0, *cell.params_), eps=1e-6, atol=1e-8, rtol=1e-6)  # fmt: skip
+    if target == "native":  # the VJP's loops ran compiled
+        ran = cell.models("native")[1].module.NATIVE
+        assert ran and all(ran.values()), ran
 
 
-def test_equals_torch_lstm_with_the_same_weights():
+@pytest.mark.parametrize("target", [None, "native"])
+def test_equals_torch_lstm_with_the_same_weights(target):
+    native_if(target)
     torch.manual_seed(1)
-    cell = rt.Module(LSTM_SPEC, dtype=torch.float64)
+    cell = rt.Module(LSTM_SPEC, dtype=torch.float64, target=target)
     ref = torch.nn.LSTM(3, 5, dtype=torch.float64)
     copy_from(cell, ref)
     x = torch.randn(7, 4, 3, dtype=torch.float64, requires_grad=True)
