@@ -443,14 +443,19 @@ def number(text: str) -> bool:
 
 def python_kernel(k: Kernel) -> str:
     """A fused kernel's CUDA source as a Python function over its B * width elements: the
-    same statements, a loop over (sequence, column) where CUDA has a thread for each."""
+    same statements, a loop over (sequence, column) where CUDA has a thread for each. A kernel
+    that reduces over a row (row_sum_, row_max_: the block's threads together) runs in phases
+    split at each reduction: a loop over the columns fills `part`, the reduction sums it, the
+    next loop goes on; a column's value that a later phase reads is kept in `<name>_j[j]`."""
     params = [a.name for a in k.args] + (["more"] if k.ahead else []) + ["n"]
-    out = [f"def {k.name}({', '.join(params)}):", f"    for b in range(n // {k.width}):",
-           f"        for j in range({k.width}):"]  # fmt: skip
+    phases: list[list[str]] = [[]]
+    reductions: list[str] = []
     for line in k.source.split("\n")[4:-1]:
         text = line.strip()
+        if text.startswith("__shared__"):
+            continue
         if text.startswith("//"):
-            out.append("            # " + text[2:].strip())
+            phases[-1].append("# " + text[2:].strip())
             continue
         text = text.rstrip(";")
         guards = []
@@ -460,18 +465,42 @@ def python_kernel(k: Kernel) -> str:
         if text.startswith("const real "):
             text = text[len("const real ") :]
         text = re.sub(r"R\(([^()]*)\)", lambda m: repr(float(m[1])) if number(m[1]) else m[1], text)
-        if guards:
-            out.append("            if " + " and ".join(guards) + ":")
-            out.append("                " + text)
-        else:
-            out.append("            " + text)
+        red = re.fullmatch(r"(\w+) = row_(sum|max)_\((.*), rnnc_red\)", text)
+        if red:  # the phase ends: its columns' parts, then one number for the row
+            phases[-1].append(f"part[j] = {red[3]}")
+            reductions.append(f"{red[1]} = part.{red[2]}()")
+            phases.append([])
+            continue
+        phases[-1].append(f"if {' and '.join(guards)}:\n    {text}" if guards else text)
+    defined = [{m[1] for ln in ph for m in [re.match(r"(\w+) = ", ln)] if m} for ph in phases]
+    # a column's value read in a later phase: kept per column
+    kept = sorted({v for i, names in enumerate(defined) for v in names
+                   if any(re.search(rf"\b{v}\b", ln) for ph in phases[i + 1 :] for ln in ph)})  # fmt: skip
+    out = [f"def {k.name}({', '.join(params)}):"]
+    first_out = next(a.name for a in k.args if a.out)
+    if len(phases) > 1:
+        out.append(f"    part = np.empty({k.width}, {first_out}.dtype)")
+        out += [f"    {v}_j = np.empty({k.width}, {first_out}.dtype)" for v in kept]
+    out.append(f"    for b in range(n // {k.width}):")
+    for i, ph in enumerate(phases):
+        out.append(f"        for j in range({k.width}):")
+        for ln in ph:
+            if i:  # an earlier phase's column values
+                ln = re.sub(r"\b(" + "|".join(kept) + r")\b(?! = )", r"\1_j[j]", ln) if kept else ln
+            for piece in ln.split("\n"):
+                out.append("            " + piece)
+            m = re.match(r"(\w+) = ", ln)
+            if m and m[1] in kept:
+                out.append(f"            {m[1]}_j[j] = {m[1]}")
+        if i < len(reductions):
+            out.append("        " + reductions[i])
     return "\n".join(out)
 
 
 def native_fusable(items: list) -> bool:
     """A loop body the native target runs with its kernels: none reduces over a row (CUDA's
     block of threads a sequence, which a loop over columns does not reproduce)."""
-    return not any(isinstance(i, Kernel) and (i.rows or (i.ahead and i.ahead.rows)) for i in items)
+    return True
 
 
 class NativeTarget(CupyTarget):
