@@ -329,6 +329,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--cells", default="rnn,lstm,gru")
     ap.add_argument("--sizes", default="all", help="comma-separated of " + ", ".join(SIZES))
+    ap.add_argument("--systems", help="comma-separated subset of the systems (default: all installed)")
     ap.add_argument("--custom", action="store_true", help="the custom cells (" + ", ".join(CUSTOM) + ") "
                     "against a PyTorch Python loop, torch.compile and JAX")  # fmt: skip
     a = ap.parse_args()
@@ -336,8 +337,8 @@ def main() -> int:
     cells = ",".join(CUSTOM) if a.custom and a.cells == "rnn,lstm,gru" else a.cells
     points = [(c, s) for c in cells.split(",") for s in sizes]
     every = CUSTOM_SYSTEMS if a.custom else SYSTEMS
-    systems = [s for s in every if available(s)]
-    missing = [s for s in every if s not in systems]
+    systems = [s for s in every if available(s) and (not a.systems or s in a.systems.split(","))]
+    missing = [s for s in every if not available(s)]
     runs: dict[tuple, list[dict]] = {}
     for r in range(a.rounds):
         order = systems[r % len(systems) :] + systems[: r % len(systems)]  # rotated each round

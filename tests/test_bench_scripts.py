@@ -12,12 +12,12 @@ import pytest
 BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
 
 
-@pytest.mark.parametrize("system", ["rnnc", "torch", "jax", "ort"])
+@pytest.mark.parametrize("system", ["rnnc", "native", "torch", "jax", "ort"])
 def test_peer_benchmark_workers_agree_with_torch(system):
     """bench/peers.py: each system's worker checks its outputs and gradients against
     PyTorch's with the same weights before timing; at float32 they agree to 1e-5."""
     pytest.importorskip("torch", reason="the peers are checked against PyTorch")
-    needs = {"jax": "jax", "ort": "onnxruntime"}.get(system)
+    needs = {"jax": "jax", "ort": "onnxruntime", "native": "numba"}.get(system)
     if needs:
         pytest.importorskip(needs, reason=f"{needs} is in the peers extra only")
     points = json.dumps([["lstm", "small"], ["gru", "small"]])
@@ -30,13 +30,15 @@ def test_peer_benchmark_workers_agree_with_torch(system):
     assert all(r["err"] < 1e-5 and r["ms"] > 0 for r in rows), rows
 
 
-@pytest.mark.parametrize("system", ["rnnc", "loop", "compile", "jax"])
+@pytest.mark.parametrize("system", ["rnnc", "native", "loop", "compile", "jax"])
 def test_custom_cell_workers_agree_with_the_pytorch_loop(system):
     """bench/peers.py --custom: the library's MGU in rnnc, under torch.compile and in JAX
     gives the hand-written PyTorch loop's outputs and gradients (float32, 1e-5)."""
     pytest.importorskip("torch", reason="the custom cells are checked against a PyTorch loop")
     if system == "jax":
         pytest.importorskip("jax", reason="jax is in the peers extra")
+    if system == "native":
+        pytest.importorskip("numba", reason="the native target needs numba")
     p = subprocess.run([sys.executable, os.path.join(BENCH, "peers.py"), "--worker", system,
                         json.dumps([["mgu", "small"]]), "1"], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
