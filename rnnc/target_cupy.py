@@ -138,19 +138,21 @@ class CupyTarget(NumpyTarget):
 
     def launch_call(self, em: Any, k: Kernel, loop: Loop) -> str:
         """launch(name, threads, dt, *the rows and values k reads and writes)."""
-        args = []
-        for a in k.args:
-            if a.mask:
-                args.append(f"{em.mask_name(a.node, a.delay)}_all[{'tn' if a.ahead else 't'}]")
-            elif a.kind == "value":
-                args.append(f"dt.type(float({self.row(em, a.node, a.delay, loop, a)}))")
-            else:
-                args.append(self.row(em, a.node, a.delay, loop, a))
+        args = [self.kernel_arg(em, a, loop) for a in k.args]
         if k.ahead:
             args.append("np.int32(tn != t)")
         if k.rows:  # a block of threads per sequence: they reduce over its row together
             args.append(f"block={k.width}")
         return f"launch({k.name!r}, B * {k.width}, dt, {', '.join(args)})"
+
+    def kernel_arg(self, em: Any, a: Arg, loop: Loop) -> str:
+        """What a launch passes for one kernel argument: the step's row of a length mask, a
+        number, or the row of an array."""
+        if a.mask:
+            return f"{em.mask_name(a.node, a.delay)}_all[{'tn' if a.ahead else 't'}]"
+        if a.kind == "value":
+            return f"dt.type(float({self.row(em, a.node, a.delay, loop, a)}))"
+        return self.row(em, a.node, a.delay, loop, a)
 
     def first_step(self, em: Any, host: Kernel, loop: Loop, T: str, seen: set) -> None:
         """The kernel whose work each step does for the next one (fuse.rotated) runs on its

@@ -26,7 +26,7 @@ from .fuse import Accumulate, Kernel
 from .graph import operands
 from .ops import OPS
 from .target_cupy import CupyTarget
-from .target_numpy import INIT_PARAMS
+from .target_numpy import INIT_PARAMS, NumpyTarget
 
 NATIVE_IMPORTS = "import ast\nimport inspect\nimport re\nimport textwrap\n\nimport numba\nimport numba.extending\nimport numpy as np\n"
 
@@ -206,7 +206,9 @@ def matmul_blas(a, b):
     return blas
 
 
-@numba.njit(cache=True, inline="always")
+# the module-level helpers are not cached on disk: a cache names the module that wrote it, and
+# this file may be loaded under another name (a compiled loop then recompiles uncached)
+@numba.njit(inline="always")
 def tanh32_scalar(a):
     # float32 tanh as a rational function (Eigen's fast tanh): 6 ulp at most, where libm's
     # scalar tanhf, all numba has without Intel's SVML, runs ~50x slower than NumPy's SIMD one
@@ -226,10 +228,10 @@ def tanh32_scalar(a):
     return a if abs(a) < np.float32(0.0004) else x * p / q
 
 
-tanh32 = numba.vectorize(["float32(float32)"], cache=True)(tanh32_scalar.py_func)
+tanh32 = numba.vectorize(["float32(float32)"])(tanh32_scalar.py_func)
 """ + "".join(f"""
 
-@numba.njit(cache=True)
+@numba.njit
 def last_{kind}{keep}(a):
     r = np.ascontiguousarray(a).reshape(-1, a.shape[-1])
     out = np.empty(r.shape[0], a.dtype)
@@ -497,12 +499,6 @@ def python_kernel(k: Kernel) -> str:
     return "\n".join(out)
 
 
-def native_fusable(items: list) -> bool:
-    """A loop body the native target runs with its kernels: none reduces over a row (CUDA's
-    block of threads a sequence, which a loop over columns does not reproduce)."""
-    return True
-
-
 class NativeTarget(CupyTarget):
     """The NumPy target's code, each step's pointwise work fused into kernels (fuse.py, as for
     the GPU) written as Python loops over (sequence, column), and each time loop compiled with
@@ -511,20 +507,11 @@ class NativeTarget(CupyTarget):
     name, xp = "native", "np"
     running = False  # kernels read and write rows of the adjoints' arrays
 
-    def fuse(self, plan, fname: str, namer) -> dict[int, list]:
-        return {i: items for i, items in super().fuse(plan, fname, namer).items() if native_fusable(items)}
+    # host arrays: helpers, parameters and carries as the NumPy target has them
+    helper, prologue, param = NumpyTarget.helper, NumpyTarget.prologue, NumpyTarget.param
 
     def rewrite(self, line: str) -> str:
         return re.sub(r"\bcp\.", "np.", line)
-
-    def helper(self, name: str, source: str) -> str:
-        return source
-
-    def prologue(self) -> list[str]:
-        return []
-
-    def param(self, binding: str) -> str:
-        return binding
 
     def module(self, header: str, meta: str, body: str, helpers, kernels: list) -> str:
         code = meta + "\n\n\n" + INIT_PARAMS + "\n\n\n" + body + "\n"
@@ -533,19 +520,17 @@ class NativeTarget(CupyTarget):
         text = f"{header}\n\n{NATIVE_IMPORTS}\n\n" + "\n\n\n".join(parts) + f"\n\n\n{code}"
         return jit_loops(text)
 
+    def kernel_arg(self, em: Any, a, loop) -> str:
+        """A number as a Python float; an array as one flat row of numbers (written ones are
+        rows of C arrays); a length mask's row as the CuPy target passes it."""
+        if a.mask:
+            return super().kernel_arg(em, a, loop)
+        row = self.row(em, a.node, a.delay, loop, a)
+        return f"float({row})" if a.kind == "value" else f"{row}.reshape(-1)" if a.out else f"flat({row})"
+
     def launch_call(self, em: Any, k: Kernel, loop) -> str:
-        args = []
-        for a in k.args:
-            if a.mask:
-                args.append(f"{em.mask_name(a.node, a.delay)}_all[{'tn' if a.ahead else 't'}]")
-            elif a.kind == "value":
-                args.append(f"float({self.row(em, a.node, a.delay, loop, a)})")
-            elif a.out:
-                args.append(f"{self.row(em, a.node, a.delay, loop, a)}.reshape(-1)")
-            else:
-                args.append(f"flat({self.row(em, a.node, a.delay, loop, a)})")
-        if k.ahead:
-            args.append("int(tn != t)")
+        """The kernel's Python function, called over B * width elements."""
+        args = [self.kernel_arg(em, a, loop) for a in k.args] + (["int(tn != t)"] if k.ahead else [])
         return f"{k.name}({', '.join(args)}, B * {k.width})"
 
     def accumulate(self, em: Any, acc: Accumulate, loop, seen: set) -> None:

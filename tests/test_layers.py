@@ -77,4 +77,5 @@ def test_a_target_is_one_module_behind_one_interface():
     base = {n for n in vars(NumpyTarget) if not n.startswith("_")}
     extra = {n for n in vars(CupyTarget) if not n.startswith("_")} - base
     # the CuPy target's own helpers are what its interface methods call
-    assert extra == {"kernel_buffers", "row", "launch", "launch_call", "first_step", "accumulate", "read_later"}
+    assert extra == {"kernel_buffers", "row", "launch", "launch_call", "kernel_arg", "first_step", "accumulate",
+                     "read_later"}

@@ -153,3 +153,26 @@ def test_one_sequence_takes_the_matrix_vector_products_exactly(spec):
     for k in g0:
         assert rel(g1[k], g0[k]) < 1e-12, k
     assert all(m.module.NATIVE.values())
+
+
+def test_the_same_file_loaded_under_another_name_still_compiles(tmp_path):
+    # numba's disk cache names the module that wrote it; a process that loads the same file
+    # under another name (a user's import of a compiled file) recompiles instead of failing
+    path = tmp_path / "model.py"
+    spec = os.path.join(ROOT, "bench", "specs", "rnn_layer.rnn")
+    assert main(["compile", spec, "--dim", "H=3", "--dim", "I=2", "--target", "native", "-o", str(path)]) == 0
+    script = (
+        "import sys, importlib.util, numpy as np\n"
+        "s = importlib.util.spec_from_file_location(sys.argv[2], sys.argv[1])\n"
+        "m = importlib.util.module_from_spec(s); sys.modules[sys.argv[2]] = m; s.loader.exec_module(m)\n"
+        "x = np.random.default_rng(0).normal(size=(4, 2, 2))\n"
+        "h = m.forward(m.init_params(0, np.float64), {'x': x})['h']\n"
+        "print(all(m.NATIVE.values()) and bool(m.NATIVE), repr(h.sum()))\n"
+    )
+    outs = []
+    for name in ("first_name", "second_name"):
+        run = subprocess.run([sys.executable, "-c", script, str(path), name], capture_output=True,
+                             text=True, cwd=tmp_path, check=False)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+        outs.append(run.stdout)
+    assert outs[0] == outs[1] and outs[0].startswith("True ")
