@@ -59,6 +59,11 @@ def positive_int(text: str) -> int:
     return v
 
 
+def remat_arg(text: str) -> int | str:
+    """An argparse type: 'auto' or a whole number of steps >= 1."""
+    return "auto" if text == "auto" else positive_int(text)
+
+
 def seed_int(text: str) -> int:
     """An argparse type: a random seed, 0 .. 2**63 - 1."""
     v = whole_number(text)
@@ -163,6 +168,11 @@ def memory_line(a, T: int = 100, B: int = 32) -> str:
     line = f"memory at T={T}, B={B} in float32: forward {fmt_bytes(estimate(m, T, B, training=False).total)}"
     if "loss_and_grads" in m.plans:
         line += f", a training step {estimate(m, T, B).describe()}"
+        from .remat import reason_not_windowable, window_length
+
+        k = window_length(T)
+        if reason_not_windowable(m.graph) is None:
+            line += f"; in {k}-step windows (--remat {k}) {fmt_bytes(estimate(m, T, B, window=k).total)}"
     return line
 
 
@@ -356,7 +366,7 @@ def cmd_train(a) -> int:
     t = tr.Trainer(m, data, opt, steps=a.steps or steps0, schedule=a.schedule, clip=a.clip,
                    seed=a.seed, dtype=dtype, params=params, checkpoint=a.checkpoint,
                    checkpoint_every=a.checkpoint_every, resume=a.resume, override=a.override,
-                   log=a.log, progress=not a.quiet, comm=comm)  # fmt: skip
+                   log=a.log, progress=not a.quiet, comm=comm, remat=a.remat)  # fmt: skip
     if not a.output and not a.checkpoint and comm.rank == 0:
         print("rnnc: note: the trained parameters are not saved; add -o params.npz "
               "(or --checkpoint ck.npz) to keep them", file=sys.stderr)  # fmt: skip
@@ -734,6 +744,11 @@ def add_training_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--schedule", choices=["constant", "cosine", "step"], default="constant")
     c.add_argument("--checkpoint", help="checkpoint file (.npz or .safetensors), written atomically")
     c.add_argument("--checkpoint-every", type=positive_int, default=100)
+    c.add_argument("--remat", type=remat_arg, metavar="K|auto",
+                   help="checkpointing over time: keep the state every K steps and recompute each "
+                   "window's activations in the backward pass (same gradients, about sqrt(T) of the "
+                   "memory for one more forward pass); auto: sqrt(T)-step windows when a training "
+                   "step would not fit in memory")  # fmt: skip
     c.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     c.add_argument("--override", action="store_true",
                    help="with --resume: continue with settings (--lr, --batch, ...) other than the "

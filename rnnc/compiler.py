@@ -104,10 +104,16 @@ class Model:
         returns (loss, grads with the inputs') — the forward pass runs once."""
         return self.module.vjp(params, inputs, **kw)
 
-    def loss_and_grads(self, params, inputs, targets, **kw):
-        """(loss, grads); with_inputs=True adds the gradient for each real-valued input."""
+    def loss_and_grads(self, params, inputs, targets, remat: int | None = None, **kw):
+        """(loss, grads); with_inputs=True adds the gradient for each real-valued input.
+        remat=K checkpoints over time: windows of K steps, one window's activations held at a
+        time (rnnc.remat; the same gradients, one more forward pass)."""
         if self.grad_graph is None:
             require_loss(self.graph)
+        if remat:
+            from .remat import loss_and_grads
+
+            return loss_and_grads(self, params, inputs, targets, remat, **kw)
         return self.module.loss_and_grads(params, inputs, targets, **kw)
 
     @property

@@ -70,7 +70,7 @@ def grad(g: Graph, loss: int | None = None) -> Graph:
             adj[u].append((ct.node, -k))
             init = init_of(g, u)
             if k != 0 and init is not None and init in relevant:
-                es = ct.op("edge_sum", k=k, dom=g.nodes[u]["level"])
+                es = ct.op("edge_sum", k=k, dom=g.nodes[u]["level"], state=g.nodes[u]["name"])
                 adj[init].append((unbroadcast(es, init).node, 0))  # a param h0: Σ over batch
         for m in range(first_new, g.graph["next_id"]):  # the rule's nodes come from v's equation
             g.nodes[m]["span"], g.nodes[m]["adjoint_of"] = d["span"], v

@@ -55,6 +55,7 @@ def context(g: Graph, n: int, t: Any = None) -> dict[str, Any]:
         "rng": "rng",
         "n": d["shape"][-1] if d["shape"] else 1,
         "carried": "carry is not None",
+        "window": "window",  # a window of a longer sequence (checkpointing): its losses' weights
     }
 
 
@@ -80,7 +81,7 @@ def interpret(
     B = first_seq.shape[1] if first_seq is not None else next(iter(inputs.values())).shape[0]
     masks = step_masks(dag.graph["domains"], T, lengths)
     ns: dict[str, Any] = {k: getattr(kernels, k) for k in dir(kernels) if not k.startswith("_")}
-    ns.update(np=np, B=B, dt=dtype, rng=np.random.default_rng(0))
+    ns.update(np=np, B=B, dt=dtype, rng=np.random.default_rng(0), window=None)
     for dom, name in mask_names(dag.graph["domains"]).items():
         ns[name] = masks[dom]
         ns["T_" + name[2:]] = T[dom]

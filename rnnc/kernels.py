@@ -211,8 +211,9 @@ def onehot(i, n, dtype):
     return (i[..., None] == np.arange(n)).astype(dtype)
 
 
-def loss_weights(shape, M, mode):
+def loss_weights(shape, M, mode, window=None):
     # the weight of each per-step, per-sequence loss in the total: 1/B, or 1/(B*L) for mean
+    # (in a window of a longer sequence, L is the whole sequence's length: window["steps"])
     if M is None and (mode == "sum" or len(shape) == 1):
         return 1.0 / shape[-1]  # the same for all: a number, not an array
     w = np.full(shape, 1.0 / shape[-1])
@@ -221,16 +222,18 @@ def loss_weights(shape, M, mode):
             w = w * M
         if mode == "mean":
             steps = M.sum(axis=0) if M is not None else np.full(shape[-1], shape[0])
+            if window is not None:
+                steps = np.asarray(window["steps"])
             w = w / np.maximum(steps, 1)
     return w
 
 
-def loss_reduce(l, M, mode):
-    return (l * loss_weights(l.shape, M, mode)).sum().astype(l.dtype)
+def loss_reduce(l, M, mode, window=None):
+    return (l * loss_weights(l.shape, M, mode, window)).sum().astype(l.dtype)
 
 
-def loss_spread(g, l, M, mode):
-    return np.broadcast_to(np.asarray(g * loss_weights(l.shape, M, mode), l.dtype), l.shape)
+def loss_spread(g, l, M, mode, window=None):
+    return np.broadcast_to(np.asarray(g * loss_weights(l.shape, M, mode, window), l.dtype), l.shape)
 
 
 def loss_step(l, M, T, t, mode):
@@ -299,10 +302,13 @@ def valid_pair(M, t, s):
     return M[t] & M[s]
 
 
-def valid_shift(M, k):
-    # valid_pair for every t at once: [T, B] bool
+def valid_shift(M, k, window=None):
+    # valid_pair for every t at once: [T, B] bool; in a window of a longer sequence the last
+    # step's read of t + 1 falls in the next window, valid where the sequence goes on
     T = M.shape[0]
     out = np.zeros_like(M)
+    if window is not None and k == -1:
+        out[T - 1] = M[T - 1]
     if abs(k) >= T:
         return out  # every read falls outside the sequence
     if k >= 0:
@@ -361,6 +367,12 @@ def sample(p, rng, temperature=1.0):
     q = q / q.sum(axis=-1, keepdims=True)
     u = rng.random((*q.shape[:-1], 1))
     return np.minimum((q.cumsum(axis=-1) < u).sum(axis=-1), q.shape[-1] - 1)
+
+
+def adjoint_in(window, key, shape, dt):
+    # the adjoint of a state this window hands on, from the windows after it (0 without one)
+    d = None if window is None else window["dcarry"].get(key)
+    return np.zeros(shape, dt) if d is None else np.asarray(d, dt)
 
 
 def carried_in(carry, key, fill=None):
@@ -450,13 +462,14 @@ def check_lengths(lengths, domains):
         )
 
 
-def step_mask(lengths, name, T, B):
-    # [T, B] bool: step t of sequence b is inside its length; None when all are full
+def step_mask(lengths, name, T, B, window=None):
+    # [T, B] bool: step t of sequence b is inside its length; None when all are full (in a
+    # window of a longer sequence, a sequence that ended before it has no step here: 0)
     if lengths is None or name not in lengths:
         return None
     L = np.asarray(lengths[name])
-    if L.shape != (B,) or L.min() < 1 or L.max() > T:
-        raise ValueError(f"lengths[{name!r}] must hold {B} lengths in 1..{T}")
+    if L.shape != (B,) or L.min() < (window is None) or L.max() > T:
+        raise ValueError(f"lengths[{name!r}] must hold {B} lengths in {int(window is None)}..{T}")
     return np.arange(T)[:, None] < L[None, :]
 
 

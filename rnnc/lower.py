@@ -294,6 +294,7 @@ class Emitter:
     def emit(self, pause: tuple[int, list[str]] | None = None) -> list[str]:
         """The body's statements; with pause = (i, lines), those lines before step i."""
         self.masks: set[tuple[str, str, int]] = set()
+        self.started = False  # a backward loop hands a carried state's adjoint to the window before
         body: list[str] = []
         self.lines = body
         seen: set = set()
@@ -379,8 +380,10 @@ class Emitter:
             d = g.nodes[n]
             name = self.name(n)
             shape = tuple(d["shape"])
+            key = self.handed_on(n)
             if n in self.running:  # the next step's value, 0 past the end
-                out.append(f"    {name}_run = {xp}.zeros((B,) + {shape!r}, dt)")
+                zero = f"{xp}.zeros((B,) + {shape!r}, dt)"
+                out.append(f"    {name}_run = " + (zero if key is None else f"adjoint_in(window, {key!r}, (B,) + {shape!r}, dt)"))
                 continue
             out.append(f"    {name} = {xp}.empty(({past} + {T} + {fut}, {rows(d)}) + {shape!r}, dt)")
             if past:
@@ -391,7 +394,8 @@ class Emitter:
                 else:
                     out.append(f"    {name}[:{past}] = {fill}")
             if fut:
-                out.append(f"    {name}[{past} + {T}:] = {self.fill(n)}")
+                fill = self.fill(n) if key is None else f"adjoint_in(window, {key!r}, (B,) + {shape!r}, dt)"
+                out.append(f"    {name}[{past} + {T}:] = {fill}")
         for n in loop.nodes:  # sums over the steps, added up as the loop runs
             if n in self.plan.accumulate:
                 d = g.nodes[n]
@@ -410,6 +414,24 @@ class Emitter:
         for n in loop.nodes:  # handed to the next step (t - 1) once this one is done
             if n in self.running:
                 out.append(f"        {self.name(n)}_run = {self.name(n)}_t")
+        handed = [(n, self.handed_on(n)) for n in loop.nodes] if loop.direction < 0 else []
+        handed = [(n, key) for n, key in handed if key is not None]
+        if handed:  # a window hands the adjoints of the states it started from back
+            out.append("    if window is not None:")
+            for n, key in handed:
+                start = f"{self.name(n)}_run" if n in self.running else f"{self.name(n)}[0]"
+                out.append(f"        started[{key!r}] = {start}")
+            self.started = True
+
+    def handed_on(self, n: int) -> str | None:
+        """The carried state whose adjoint a backward loop's value n hands to the step before
+        (the term a step's read of the state at t - 1 gives it), or None. A window of a longer
+        sequence starts that value from the adjoint the windows after it give its state."""
+        for _, v in self.g.out_edges(n):
+            d = self.g.nodes[v]
+            if d["op"] == "edge_sum" and d["attrs"]["k"] == 1 and "state" in d["attrs"]:
+                return d["attrs"]["state"]
+        return None
 
     def mask_name(self, u: int, k: int) -> str:
         """The [T, B] mask of reads of u at t-k that fall inside the sequence (made once)."""
@@ -462,6 +484,11 @@ length), carry=... the state carried in from a previous window (truncated BPTT; 
 return_carry). Initial states may be given as inputs["<state>.init"]. rng=a NumPy Generator
 trains: dropout and zoneout masks are drawn from it (or taken from inputs[name], see
 draw_masks); without one the model evaluates (no dropout, zoneout at its expectation).
+window={{"steps": [B] ints, "dcarry": {{state: [B, ...]}}}} makes a call one window of a longer
+sequence (checkpointing, rnnc.remat): losses weigh steps by the whole sequence's lengths, a
+sequence may have no step in it (length 0), and the gradient takes in the adjoint of the
+returned carry from the windows after it and gives (as grads["carry/<state>"]) the adjoint of
+the state the window started from.
 """'''
 
 
@@ -537,15 +564,16 @@ class Module:
                 v = self.namer(n)
                 pro.append(f"    {v} = {em.padded(n, v)}")
         for M, V, k in sorted(em.masks):
-            pro.append(f"    {V} = None if {M} is None else valid_shift({M}, {k})")
+            pro.append(f"    {V} = None if {M} is None else valid_shift({M}, {k}{', window' if k == -1 else ''})")
         args = {
-            "forward": "params, inputs, lengths=None, carry=None, return_carry=False, rng=None",
-            "loss": "params, inputs, targets, lengths=None, carry=None, return_carry=False, rng=None",
+            "forward": "params, inputs, lengths=None, carry=None, return_carry=False, rng=None, window=None",
+            "loss": "params, inputs, targets, lengths=None, carry=None, return_carry=False, rng=None,"
+            " window=None",
             "loss_and_grads": "params, inputs, targets, lengths=None, carry=None, return_carry=False,"
-            " with_inputs=False, rng=None",
+            " with_inputs=False, rng=None, window=None",
             "loss_and_all_grads": "params, inputs, targets, lengths=None, carry=None,"
-            " return_carry=False, rng=None",
-            "vjp": "params, inputs, lengths=None, carry=None, return_carry=False, rng=None",
+            " return_carry=False, rng=None, window=None",
+            "vjp": "params, inputs, lengths=None, carry=None, return_carry=False, rng=None, window=None",
         }[fname]
         doc = {
             "forward": "The named outputs of the model for `inputs`.",
@@ -561,8 +589,10 @@ class Module:
         if fname == "loss_and_grads":
             lines += [
                 "    if with_inputs:",
-                "        return loss_and_all_grads(params, inputs, targets, lengths, carry, return_carry, rng)",
+                "        return loss_and_all_grads(params, inputs, targets, lengths, carry, return_carry, rng, window)",
             ]
+        if em.started:
+            pro.append("    started = {}  # a window's adjoints of the states it started from")
         lines += pro + body
         lines += self.returns(fname, plan, em)
         return lines
@@ -595,7 +625,7 @@ class Module:
             elif dom in bound:
                 T, M = ctx_names
                 out.append(f"    {T} = {bound[dom]}.shape[0]")
-                out.append(f"    {M} = step_mask(lengths, {dom!r}, {T}, B)")
+                out.append(f"    {M} = step_mask(lengths, {dom!r}, {T}, B, window)")
             else:
                 T, M = ctx_names
                 out.append(f"    {T} = {M} = None")
@@ -662,6 +692,9 @@ class Module:
             if name.endswith(".init"):
                 items.append(f"{name!r}: {self.namer(dn)}")
         out.append("    grads = {" + ", ".join(items) + "}")
+        if em.started:
+            out.append("    if window is not None:  # the adjoints of the states the window started from")
+            out.append("        grads.update({'carry/' + k: v for k, v in started.items()})")
         out.append(f"    loss = float({value(plan.wanted['loss'])})")
         out.append("    if return_carry:")
         out.append(f"        return loss, grads, {carry}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import RnncError
-from .graph import GLOBAL, STATIC
+from .graph import GLOBAL, STATIC, init_of
 from .ops import OPS
 from .schedule import Loop, Once, Plan
 
@@ -114,9 +114,12 @@ def plan_bytes(plan: Plan, T: Steps, B: int, itemsize: int) -> int:
     return peak
 
 
-def estimate(m, T: Steps, B: int, dtype=np.float32, training: bool = True) -> Estimate:
+def estimate(m, T: Steps, B: int, dtype=np.float32, training: bool = True,
+             window: int | None = None) -> Estimate:  # fmt: skip
     """The peak bytes of one forward pass (training=False) or one training step of model `m`
-    on a batch of B sequences of T steps."""
+    on a batch of B sequences of T steps; `window`: a training step checkpointed over time in
+    windows of that many steps (rnnc.remat), which holds one window's activations and the
+    state each window starts from."""
     itemsize = np.dtype(dtype).itemsize
     g = m.graph
     n_params = sum(math.prod(g.nodes[n]["shape"] or ()) for n in g.graph["params"].values())
@@ -124,12 +127,39 @@ def estimate(m, T: Steps, B: int, dtype=np.float32, training: bool = True) -> Es
     plan = m.plans[name]
     data = sum(value_bytes(plan.graph.nodes[n], T, B, itemsize) for n in plan.graph.nodes
                if plan.graph.nodes[n]["op"] in ("input", "target"))  # fmt: skip
+    if window is None or not training:
+        activations = plan_bytes(plan, T, B, itemsize)
+    else:
+        n = max(1, -(-max_steps(T) // window))  # windows: each one's starting state is kept
+        activations = (plan_bytes(plan, min(window, max_steps(T)), B, itemsize)
+                       + n * state_bytes(g, B, itemsize) + n_params * itemsize)  # and the gradients' sum  # fmt: skip
     return Estimate(
         params=n_params * itemsize,  # their gradients are values of the plan
         optimizer=n_params * itemsize * 2 if training else 0,
-        activations=plan_bytes(plan, T, B, itemsize),
+        activations=activations,
         data=data,
     )
+
+
+def max_steps(T: Steps) -> int:
+    return T if isinstance(T, int) else max(T.values(), default=1)
+
+
+def state_bytes(g, B: int, itemsize: int) -> int:
+    """One time step's carried states (what a window starts from)."""
+    return sum(value_bytes(g.nodes[n], 1, B, itemsize, rows=1) for n in g.nodes
+               if init_of(g, n) is not None and g.nodes[n]["level"] not in (GLOBAL, STATIC))  # fmt: skip
+
+
+def have_bytes() -> int | None:
+    """What a run may count on: RNNC_MEMORY_LIMIT (bytes) if set, else what the machine has free."""
+    limit = os.environ.get("RNNC_MEMORY_LIMIT")
+    return int(limit) if limit and limit.isdigit() else available_bytes()
+
+
+def fits(need: int) -> bool:
+    have = have_bytes()
+    return have is None or need <= SHARE * have
 
 
 def available_bytes() -> int | None:
@@ -158,9 +188,8 @@ def available_bytes() -> int | None:
 def require_memory(need: int, what: str, hint: str | None = None) -> None:
     """Refuse, with both figures, a run that needs more than this machine has free.
     RNNC_MEMORY_LIMIT (bytes) overrides what the machine reports."""
-    limit = os.environ.get("RNNC_MEMORY_LIMIT")
-    have = int(limit) if limit and limit.isdigit() else available_bytes()
-    if have is None or need <= SHARE * have:
+    have = have_bytes()
+    if fits(need):
         return
     raise RnncError(
         f"{what} needs about {fmt_bytes(need)}, and this machine has {fmt_bytes(have)} free",

@@ -602,10 +602,10 @@ defop("ce_sigmoid", 2, class_loss, "ce_sigmoid({0}, {1})", user=False, labels=Tr
 defop("ce_sigmoid_d", 2, grad_like, "ce_sigmoid_d({0}, {1})", user=False)
 defop("sqerr", 2, lambda a, b: same(a, b) and (), "((({0}) - ({1})) ** 2).mean(axis=-1)",
       vjp=lambda g, y, a, b: sqerr_vjp(g, a, b), user=False)  # fmt: skip
-defop("loss_reduce", 1, to_scalar, "loss_reduce({0}, {M}, {mode!r})", level=to_global,
+defop("loss_reduce", 1, to_scalar, "loss_reduce({0}, {M}, {mode!r}, {window})", level=to_global,
       kind="collective", user=False,
       vjp=lambda g, y, per_step, mode, dom: [g.op("loss_spread", per_step, mode=mode, dom=dom)])  # fmt: skip
-defop("loss_spread", 2, half_shape, "loss_spread({0}, {1}, {M}, {mode!r})", level=like_second,
+defop("loss_spread", 2, half_shape, "loss_spread({0}, {1}, {M}, {mode!r}, {window})", level=like_second,
       kind="collective", user=False)  # fmt: skip
 
 

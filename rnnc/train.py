@@ -33,6 +33,7 @@ from .errors import RnncError, UsageError
 from .files import atomic_write, load_arrays, on_host, save_arrays
 from .memory import estimate, require_memory
 from .parallel import Single, sharded
+from .remat import choose_window, reason_not_windowable
 
 Batch = tuple[dict, dict, dict | None]  # inputs, targets, lengths
 
@@ -465,7 +466,8 @@ class Trainer:
                  checkpoint: str | None = None, checkpoint_every: int = 100,
                  resume: bool = False, override: bool = False, log: str | None = None,
                  progress: bool = False, validate_every: int = 50,
-                 callbacks: Iterable[Callable[[Trainer, Record], Any]] = (), comm=None):  # fmt: skip
+                 callbacks: Iterable[Callable[[Trainer, Record], Any]] = (), comm=None,
+                 remat: int | str | None = None):  # fmt: skip
         self.m, self.data = model, data
         self.opt = optimizer or Adam()
         self.steps, self.clip, self.dtype = steps, clip, dtype
@@ -485,8 +487,13 @@ class Trainer:
             from .check import require_loss
 
             require_loss(model.graph)
-        require_memory(estimate(model, data.longest(), data.B, dtype, training=True).total,
-                       f"training {model.graph.graph['model']} at batch {data.B} over {data.longest():,d} steps")  # fmt: skip
+        # checkpointing over time (remat): steps per window, or None for plain BPTT
+        self.window = choose_window(model, remat, data.longest(), data.B, dtype)
+        require_memory(estimate(model, data.longest(), data.B, dtype, training=True, window=self.window).total,
+                       f"training {model.graph.graph['model']} at batch {data.B} over {data.longest():,d} steps",
+                       hint=None if self.window or reason_not_windowable(model.graph) else
+                       "lower --batch, the sequence length or the dims (--dim), or checkpoint over time "
+                       "(--remat auto)")  # fmt: skip
         self.meta = {"model": model.graph.graph["model"], "task": data.name,
                      "settings": self.settings()}  # fmt: skip
         if getattr(data, "text", None) is not None:
@@ -549,10 +556,10 @@ class Trainer:
         if self.tbptt:
             carry = None if s.carry is None else {k: v[:, rows] for k, v in s.carry.items()}
             loss, grads, carry = m.loss_and_grads(s.params, ins, tgs, lengths=L, carry=carry,
-                                                  return_carry=True)  # fmt: skip
+                                                  return_carry=True, remat=self.window)  # fmt: skip
             s.carry = self.comm.gather_rows({k: v.copy() for k, v in carry.items()}, B)
         else:
-            loss, grads = m.loss_and_grads(s.params, ins, tgs, lengths=L)
+            loss, grads = m.loss_and_grads(s.params, ins, tgs, lengths=L, remat=self.window)
         grads = {k: grads[k] * share for k in s.params}  # this shard's part of the batch mean
         loss, stop = self.comm.sum_grads(grads, float(loss) * share, float(bool(self.signal or self.stop)))
         if stop:

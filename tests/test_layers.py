@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = os.path.join(os.path.dirname(__file__), "..", "rnnc")
 ORDER = ["errors", "ops", "syntax", "kernels", "parse", "format", "imports", "graph", "elaborate", "shapes",
          "check", "unroll", "interpret", "grad", "optimize", "schedule", "fuse", "target_numpy", "target_cupy", "target_numba", "lower", "explain",
-         "load", "memory", "files", "data", "parallel", "picture", "compiler", "interop", "torch", "export", "gradcheck", "tasks", "decode", "train", "cli", "cli_entry"]  # fmt: skip
+         "load", "memory", "remat", "files", "data", "parallel", "picture", "compiler", "interop", "torch", "export", "gradcheck", "tasks", "decode", "train", "cli", "cli_entry"]  # fmt: skip
 
 
 def imports(module: str) -> set[str]:

@@ -87,8 +87,13 @@ def test_plan_printer_names_loops_and_directions():
 def loop_lines(src: str, function: str, direction: str) -> list[str]:
     body = src[src.index(f"def {function}(") :]
     head = "for t in range(T_x):" if direction == "forward" else "for t in range(T_x - 1, -1, -1):"
-    loop = body[body.index(head) :].split("\n    del", 1)[0].split("\n    out =", 1)[0]
-    return [line.strip() for line in loop.splitlines()[1:] if not line.strip().startswith("#")]
+    lines = []
+    for line in body[body.index(head) :].splitlines()[1:]:
+        if not line.startswith("        "):  # the loop's body ends where its indentation does
+            break
+        if not line.strip().startswith("#"):
+            lines.append(line.strip())
+    return lines
 
 
 def test_fused_gates_share_one_bias_add_and_one_sigmoid_over_adjacent_gates():
