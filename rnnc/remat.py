@@ -24,7 +24,6 @@ from .errors import RnncError
 from .graph import Graph, init_of
 from .ops import OPS
 
-
 WHOLE = {  # the ops that see a whole sequence, in the words of the language
     "last": "last(...) (or final(...)) reads each sequence's last step",
     "first": "first(...) reads each sequence's first step",
