@@ -89,7 +89,7 @@ def evaluate(g, n, values):
     dom = d["attrs"].get("dom") or "x"
     ctx = {"M": "M", "T": str(T), "t": d["attrs"].get("t", 0), "B": str(B), "dt": "np.float64",
            "rng": "rng", "n": d["shape"][-1] if d["shape"] else 1, "carried": "False",
-           "Mo": "M", "To": str(T), "r": len(d["shape"])}  # fmt: skip
+           "Mo": "M", "To": str(T), "r": len(d["shape"]), "window": "None"}  # fmt: skip
     del dom
     text = render(OPS[d["op"]], args, d["attrs"], ctx)
     ns = {k: getattr(kernels, k) for k in dir(kernels) if not k.startswith("_")}
