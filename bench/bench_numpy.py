@@ -29,10 +29,13 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--sizes", default="all")
     ap.add_argument("--cells", default="lstm,gru,rnn")
+    ap.add_argument("--target", default="numpy", choices=["numpy", "native"],
+                    help="the generated code's target (native: compiled loops, rnnc[native])")  # fmt: skip
     a = ap.parse_args()
     sizes = SIZES if a.sizes == "all" else SIZES[:1]
     print(
-        f"numpy {np.__version__}; float32; {a.repeat} interleaved rounds; ratio = median of per-round generated / hand-written"
+        f"numpy {np.__version__}; float32; target {a.target}; {a.repeat} interleaved rounds; "
+        "ratio = median of per-round generated / hand-written"
     )
     print(
         f"{'cell':5s} {'(B, T, I, H)':20s} {'fwd gen':>9s} {'fwd hand':>9s} {'ratio':>6s}   {'f+b gen':>9s} {'f+b hand':>9s} {'ratio':>6s}"
@@ -41,7 +44,7 @@ def main() -> None:
         for B, T, I, H in sizes:
             t0 = time.perf_counter()
             m = compile_spec(
-                os.path.join(HERE, "specs", f"{kind}_layer.rnn"), dims={"I": I, "H": H}
+                os.path.join(HERE, "specs", f"{kind}_layer.rnn"), dims={"I": I, "H": H}, target=a.target
             )
             compile_s = time.perf_counter() - t0
             rng = np.random.default_rng(0)

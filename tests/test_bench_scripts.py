@@ -70,3 +70,29 @@ def test_attention_errors_script_reports_round_off():
     for r in rows:
         loss, grads, fd = (float(x) for x in r[1:4])
         assert loss < 1e-13 and grads < 1e-12 and fd < 1e-6, r
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_the_hand_written_yardstick_equals_the_numpy_target(kind):
+    """bench/handwritten.py (tuned: folded sigmoids, in-place steps, chunked derivative
+    factors; no rnnc code) gives the bench layers' loss and gradients in float64, over lengths
+    that end inside a chunk of its backward loop and at its edge."""
+    import numpy as np
+
+    sys.path.insert(0, BENCH)
+    from handwritten import CHUNK, IMPLS, from_spec
+
+    from rnnc.compiler import compile_spec
+
+    m = compile_spec(os.path.join(BENCH, "specs", f"{kind}_layer.rnn"), dims={"I": 5, "H": 7})
+    rng = np.random.default_rng(0)
+    params = {k: v + rng.normal(0, 0.3, v.shape) for k, v in m.init_params(0, np.float64).items()}
+    for T in (2, CHUNK, 2 * CHUNK + 3):
+        x, y = rng.normal(size=(T, 3, 5)), rng.normal(size=(T, 3, 7))
+        loss, grads = m.loss_and_grads(params, {"x": x}, {"y": y})
+        loss_h, grads_h = IMPLS[kind](from_spec(kind, params), x, y)
+        assert abs(loss_h - loss) <= 1e-13 * abs(loss)
+        want = from_spec(kind, grads)  # the gradients in the hand-written layout
+        for k, g in grads_h.items():
+            assert np.abs(g - want[k]).max() <= 1e-12 * np.abs(want[k]).max(), (kind, T, k)
+        assert np.allclose(IMPLS[kind](from_spec(kind, params), x, y, backward=False)[0], loss, rtol=1e-13)
