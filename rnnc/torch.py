@@ -14,7 +14,8 @@ gradient will be wanted, the forward pass runs as that model's `vjp` generator, 
 its tape and, sent torch's gradient, runs only the backward pass; without one (no_grad,
 nothing requiring a gradient) the plain forward pass runs, keeping nothing. With
 recompute=True the module keeps nothing between the passes either, and the backward pass runs
-the forward pass again (activation checkpointing: less memory, more time). Initial
+the forward pass again (activation checkpointing: less memory, more time); remat=K does it
+in windows of K steps, so the backward pass too holds O(T/K + K) steps (rnnc.remat). Initial
 states may be passed (and get gradients); `lengths` stop each sequence early. In train()
 mode dropout and zoneout masks are drawn from the module's generator (seeded by `seed`); in
 eval() mode dropout is off and zoneout at its expectation."""
@@ -30,6 +31,7 @@ from .compiler import Model, compile_spec, read_spec
 from .errors import RnncError
 from .format import format_program
 from .parse import parse
+from .remat import require_windowable
 
 try:
     import torch
@@ -58,12 +60,13 @@ class Module(torch.nn.Module):
 
     def __init__(self, spec: str, output: str = "h", dims: dict[str, int] | None = None,
                  model: str | None = None, seed: int = 0, dtype: Any = torch.float32,
-                 recompute: bool = False, target: str | None = None):  # fmt: skip
+                 recompute: bool = False, target: str | None = None, remat: int | None = None):  # fmt: skip
         super().__init__()
         if target not in (None, "numpy", "native", "cupy"):
             raise RnncError(f"unknown target '{target}' (numpy, native, cupy, or None: by the device)",
                             code="E574")  # fmt: skip
-        self.recompute, self.target = recompute, target
+        # remat=K: recompute in the backward pass in windows of K steps (rnnc.remat)
+        self.recompute, self.target, self.remat = recompute or bool(remat), target, remat
         self.text, self.file = read_spec(spec)
         self.dims, self.model = dims, model
         fwd = compile_spec(self.text, dims=dims, model=model)
@@ -78,6 +81,8 @@ class Module(torch.nn.Module):
         self.input, self.output = seq[0], output
         self.compiled: dict[str, tuple[Model, Model]] = {"numpy": (fwd, self.vjp_model(fwd, "numpy"))}
         self.fwd, self.bwd = self.compiled["numpy"]
+        if remat:
+            require_windowable(self.bwd)
         self.names = list(fwd.params)
         self.rng = np.random.default_rng(seed)
         self.params_ = torch.nn.ParameterList(
@@ -202,7 +207,8 @@ class Function(torch.autograd.Function):
         else:  # recompute, or a second backward pass (retain_graph=True): forward once more
             data = inputs(owner, x, ctx.init_names, inits, ctx.masks, target)
             _, grads = owner.models(target)[1].loss_and_grads(
-                arrays(owner.names, params, target), data, seed, lengths=ctx.L, with_inputs=True)  # fmt: skip
+                arrays(owner.names, params, target), data, seed, lengths=ctx.L, with_inputs=True,
+                remat=owner.remat)  # fmt: skip
         B = x.shape[1]  # rnnc's losses are means over the batch
         grad = lambda a: tensor(a * B, target)  # noqa: E731
         dx = grad(grads[owner.input]) if ctx.needs_input_grad[1] else None

@@ -174,3 +174,34 @@ def test_a_second_backward_pass_with_retain_graph():
     once = x.grad.clone()
     y.sum().backward()  # the tape is spent: this one runs the forward pass again
     assert float((x.grad - 2 * once).abs().max()) < 1e-14
+
+
+def test_windows_in_the_backward_pass_remat(monkeypatch):
+    """Module(remat=K): the backward pass recomputes in windows of K steps (rnnc.remat).
+    gradcheck passes (lengths, an initial state), and in train() mode, with the same masks
+    drawn, its gradients equal the taped module's; a cell that cannot be cut is refused."""
+    torch.manual_seed(4)
+    cell = rt.Module(CUSTOM, dtype=torch.float64, remat=2).eval()
+    windows, plain = [], cell.bwd.module.loss_and_grads
+    monkeypatch.setattr(cell.bwd.module, "loss_and_grads",
+                        lambda *a, **k: windows.append(k.get("window")) or plain(*a, **k))  # fmt: skip
+    x = torch.randn(7, 3, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    L = np.array([7, 1, 4])
+    assert torch.autograd.gradcheck(lambda x, h0, *p: cell(x, lengths=L, init={"h.h.init": h0}),
+                                    (x, h0, *cell.params_), eps=1e-6, atol=1e-8, rtol=1e-6)  # fmt: skip
+    assert windows and all(w is not None for w in windows)  # 4 windows a backward pass
+    taped = rt.Module(CUSTOM, dtype=torch.float64)
+    with torch.no_grad():
+        for a, b in zip(cell.params_, taped.params_, strict=True):
+            b.copy_(a)
+    grads = []
+    for c in (cell.train(), taped.train()):
+        c.rng = np.random.default_rng(5)
+        c.zero_grad()
+        (c(x, lengths=L) ** 2).sum().backward()
+        grads.append([p.grad.clone() for p in c.params_])
+    for a, b in zip(*grads, strict=True):
+        assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
+    with pytest.raises(RnncError, match="cannot checkpoint over time"):
+        rt.Module(LSTM_SPEC.replace("h = LSTM", "h = bidirectional LSTM"), remat=2)
