@@ -109,12 +109,13 @@ def programs(draw):
 
 
 @st.composite
-def cells(draw, allow_lengths=True):
+def cells(draw, allow_lengths=True, causal=False):
     """A random recurrent cell inside a model that compiles: (program AST, options).
 
     Equations e0..en are vectors [H]; each is an op over earlier equations (same step),
-    any equation at delays 1..3 (or -1..-3: a backward cell), params, the input projection."""
-    sign = draw(st.sampled_from([1, 1, -1]))
+    any equation at delays 1..3 (or -1..-3: a backward cell), params, the input projection.
+    causal=True: forward cells reading only t-1, stacked or not (what checkpointing cuts)."""
+    sign = 1 if causal else draw(st.sampled_from([1, 1, -1]))
     n_eq = draw(st.integers(1, 4))
     eqs = []
     params = [S.ParamItem("U", (S.DName("H"), S.DName("I"))), S.ParamItem("b", (S.DName("H"),))]
@@ -126,7 +127,7 @@ def cells(draw, allow_lengths=True):
             return S.BinOp("@", S.Name("U"), S.Name("x"))
         if pick == "past":
             j = draw(st.integers(0, n_eq - 1))
-            ref = S.TimeRef(f"e{j}", sign * draw(st.integers(1, 3)))
+            ref = S.TimeRef(f"e{j}", sign * (1 if causal else draw(st.integers(1, 3))))
             if draw(st.booleans()):
                 w = f"W{len(params)}"
                 params.append(S.ParamItem(w, (S.DName("H"), S.DName("H"))))
@@ -160,7 +161,8 @@ def cells(draw, allow_lengths=True):
     )
     cell = S.Cell("C", (S.Port("x", (S.DName("I"),)),), S.Port(f"e{n_eq - 1}", (S.DName("H"),)),
                   (S.ParamDecl(tuple(params)), *eqs))  # fmt: skip
-    mods = draw(st.sampled_from([(), (), (S.Modifier("bidirectional"),), (S.Modifier("stack", 2),),
+    mods = draw(st.sampled_from([(), (S.Modifier("stack", 2),)] if causal else
+                                [(), (), (S.Modifier("bidirectional"),), (S.Modifier("stack", 2),),
                                  (S.Modifier("reverse"),),
                                  (S.Modifier("stack", 2), S.Modifier("bidirectional", "sum"))]))  # fmt: skip
     width = "2*H" if mods and mods[-1].kind == "bidirectional" and mods[-1].arg is None else "H"

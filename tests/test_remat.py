@@ -128,6 +128,19 @@ def test_what_cannot_be_cut_into_windows_is_refused_with_the_reason(name):
 
 
 @settings(max_examples=20)
+@given(cells(causal=True))
+def test_random_causal_cells_windowed_equal_plain(case):
+    """Any cell whose steps meet through t-1 (gates, layer norms, dropout and zoneout masks,
+    stacks): the windows' loss and gradients equal plain BPTT's."""
+    program, opt = case
+    m = compile_spec(format_program(program))
+    assert remat.reason_not_windowable(m.graph) is None, format_program(program)
+    _Ts, params, inputs, targets, L = random_data(m.graph, opt["T"], opt["B"], opt["seed"], opt["lengths"])
+    a = m.loss_and_grads(params, inputs, targets, lengths=L, with_inputs=True)
+    same(a, m.loss_and_grads(params, inputs, targets, lengths=L, with_inputs=True, remat=2), 1e-11)
+
+
+@settings(max_examples=15)
 @given(cells())
 def test_random_cells_windowed_equal_plain_or_are_refused(case):
     program, opt = case
