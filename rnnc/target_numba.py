@@ -35,6 +35,7 @@ RUNTIME = r"""def native(steps):
     # where numba cannot type it, the loop itself runs: the same statements, the same results.
     # NATIVE[name] says which ran, NATIVE_WHY[name] why not compiled
     made = {}
+    steps.time_loop = True  # its subscript stores write rows (Native.visit_Assign)
 
     def run(*args):
         real = next((a.dtype for a in args if isinstance(a, np.ndarray) and a.dtype.kind == "f"),
@@ -77,12 +78,22 @@ class Native(ast.NodeTransformer):
     # (numba has no axis= or keepdims= for max, mean, var) calls last_<kind>[_keep]; in a
     # float32 loop each number in arithmetic becomes real(number), as numba would type a
     # Python number as float64 and promote float32 arrays with it
-    def __init__(self, typed, scalar):
+    def __init__(self, typed, scalar, rows=False):
         self.typed, self.scalar = typed, scalar  # scalar: a function of numbers (the prelude)
+        self.rows = rows  # a time loop's function: its subscript stores are arrays
 
     def visit_Subscript(self, node):
         node.value = self.visit(node.value)
         return node  # indices stay integers
+
+    def visit_Assign(self, node):
+        # in a time loop (not a kernel, whose stores are numbers): a row stored with put()
+        node = self.generic_visit(node)
+        (target,) = node.targets
+        if not self.rows or not isinstance(target, ast.Subscript):
+            return node
+        view = ast.Subscript(target.value, target.slice, ast.Load())
+        return ast.Expr(ast.Call(ast.Name("put", ast.Load()), [view, node.value], []))
 
     def visit_keyword(self, node):
         return node  # axis=-1 and the like
@@ -131,7 +142,8 @@ def compiled(fn, real, done, cache=True):
     f = tree.body[0]
     f.decorator_list = []
     scalar = fn.__name__ in SCALAR  # the prelude's functions of numbers: tanh is one call
-    tree = ast.fix_missing_locations(Native(real != np.float64, scalar).visit(tree))
+    rows = getattr(getattr(fn, "steps", fn), "time_loop", False)  # a time loop's own function
+    tree = ast.fix_missing_locations(Native(real != np.float64, scalar, rows).visit(tree))
     space = dict(fn.__globals__, real=real.type)
     exec(compile(tree, fn.__code__.co_filename, "exec"), space)
     done[fn.__name__] = fast = numba.njit(space[f.name], cache=cache, error_model="numpy")
@@ -229,6 +241,28 @@ def tanh32_scalar(a):
 
 
 tanh32 = numba.vectorize(["float32(float32)"])(tanh32_scalar.py_func)
+
+
+def put(dst, src):
+    dst[...] = src
+
+
+@numba.extending.overload(put)
+def put_row(dst, src):
+    # a step's row of a stored value, written from an array of its shape, as a loop: numba's
+    # slice assignment compiles the formatting of its shape-mismatch message (3.6 of a first
+    # compile's 7 seconds for the LSTM's loss_and_grads)
+    if isinstance(src, numba.types.Array) and src.ndim == dst.ndim:
+        def copy(dst, src):
+            if dst.shape != src.shape:
+                raise ValueError("a row and the value stored in it differ in shape")
+            for i in np.ndindex(dst.shape):
+                dst[i] = src[i]
+        return copy
+
+    def assign(dst, src):
+        dst[...] = src
+    return assign
 """ + "".join(f"""
 
 @numba.njit
