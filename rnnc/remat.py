@@ -11,7 +11,7 @@ gradient: the same arithmetic, so equal to the unwindowed gradient to rounding. 
 
 Only a model whose steps talk to each other through carried states (h[t-1]) and nothing else
 can be cut into windows: no reversed or bidirectional loops, no attention, no value of the
-whole sequence (final(h), a head on the last step); `windowable` says why not."""
+whole sequence (final(h), a head on the last step); `reason_not_windowable` says why not."""
 
 from __future__ import annotations
 
@@ -35,8 +35,7 @@ WHOLE = {  # the ops that see a whole sequence, in the words of the language
 
 def reason_not_windowable(g: Graph) -> tuple[str, Any] | None:
     """Why a model's steps cannot be cut into windows (and where), or None when they can."""
-    doms = [d for d, v in g.graph["domains"].items() if v["halves"] is None]
-    if len(doms) != 1 or len(g.graph["domains"]) != 1:
+    if len(g.graph["domains"]) != 1:  # an encoder and a decoder, or a pyramid's halved steps
         return f"it has {len(g.graph['domains'])} time domains; windows cut one", None
     for n, d in g.nodes(data=True):
         if d.get("pair"):
@@ -45,7 +44,7 @@ def reason_not_windowable(g: Graph) -> tuple[str, Any] | None:
             return WHOLE.get(d["op"], f"'{d['op']}' reads the whole sequence at once"), d["span"]
         for u, _, e in g.in_edges(n, data=True):
             k = e["delay"]
-            if k == 0 or e["pos"] == "init":
+            if k == 0:
                 continue
             du = g.nodes[u]
             what = du.get("name") or du["op"]

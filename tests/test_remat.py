@@ -52,6 +52,7 @@ model m {
 
 def same(a, b, tol=1e-12) -> None:
     """(loss, grads[, carry]) of the two calls agree to tol, in the same order of names."""
+    assert len(a) == len(b)
     assert abs(a[0] - b[0]) <= tol * max(abs(a[0]), 1e-30)
     assert list(a[1]) == list(b[1])
     for k in a[1]:
@@ -72,13 +73,17 @@ def data(m, T=13, B=4, seed=0, lengths=True):
 
 @pytest.mark.parametrize("name", WINDOWABLE)
 @pytest.mark.parametrize("every", [1, 3, 6, None])
-def test_windows_equal_plain_bptt(name, every):
+def test_windows_equal_plain_bptt(name, every, monkeypatch):
     path = os.path.join(SPECS, name)
     m = compile_spec(path, dims=small_dims(path))
     params, inputs, targets, L = data(m)
     a = m.loss_and_grads(params, inputs, targets, lengths=L, with_inputs=True)
-    b = m.loss_and_grads(params, inputs, targets, lengths=L, with_inputs=True, remat=every)
+    calls, plain = [], m.module.loss_and_grads
+    monkeypatch.setattr(m.module, "loss_and_grads", lambda *a, **k: calls.append(a[1]) or plain(*a, **k))
+    b = remat.loss_and_grads(m, params, inputs, targets, every, lengths=L, with_inputs=True)
     same(a, b)
+    k = every or 4  # None: ⌈√13⌉
+    assert [len(next(iter(x.values()))) for x in calls[::-1]] == [min(k, 13 - lo) for lo in range(0, 13, k)]
 
 
 @pytest.mark.parametrize("lengths", [False, True])
@@ -125,6 +130,12 @@ def test_what_cannot_be_cut_into_windows_is_refused_with_the_reason(name):
         m.loss_and_grads(params, inputs, targets, remat=3)
     assert e.value.code == "E585" and REFUSED[name] in e.value.message
     assert remat.reason_not_windowable(m.graph) is not None
+
+
+def test_a_model_without_a_loss_has_no_gradient_to_checkpoint():
+    m = compile_spec(MEAN_LOSS.replace("  loss = mse(h, y, time=mean)\n", ""))
+    with pytest.raises(RnncError, match="checkpointing takes a gradient, and this model has no loss"):
+        remat.require_windowable(m)
 
 
 @settings(max_examples=20)
