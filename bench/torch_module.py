@@ -18,7 +18,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ["nn.LSTM", "rnnc.torch.Module", "Module(target='native')", "Module(recompute=True)",
-            "python loop", "torch.compile(loop)"]  # fmt: skip
+            "Module(remat=10)", "python loop", "torch.compile(loop)"]  # fmt: skip
 SPEC = "use LSTM\n\nmodel m {{\n  dim I = {I}, H = {H}\n  input x[I] : sequence\n  h = LSTM(x, H=H)\n}}\n"
 
 
@@ -34,7 +34,8 @@ def build(variant: str, B: int, T: int, N: int):
         return ref, lambda x: ref(x)[0]
     if variant.startswith(("rnnc.torch.Module", "Module(")):
         cell = rt.Module(SPEC.format(I=N, H=N), recompute="recompute" in variant,
-                         target="native" if "native" in variant else None)
+                         target="native" if "native" in variant else None,
+                         remat=10 if "remat" in variant else None)  # fmt: skip
         with torch.no_grad():
             for name, p in cell.named_rnnc_parameters().items():
                 p.copy_(getattr(ref, name.split(".")[1] + "_l0"))
