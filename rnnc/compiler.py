@@ -110,7 +110,7 @@ class Model:
         time (rnnc.remat; the same gradients, one more forward pass)."""
         if self.grad_graph is None:
             require_loss(self.graph)
-        if remat:
+        if remat is not None:
             from .remat import loss_and_grads
 
             return loss_and_grads(self, params, inputs, targets, remat, **kw)

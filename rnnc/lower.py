@@ -380,10 +380,10 @@ class Emitter:
             d = g.nodes[n]
             name = self.name(n)
             shape = tuple(d["shape"])
-            key = self.handed_on(n)
+            key = self.handed_on(n)  # a window starts it from the adjoint handed in (else 0)
+            given = None if key is None else f"adjoint_in(window, {key!r}, (B,) + {shape!r}, dt)"
             if n in self.running:  # the next step's value, 0 past the end
-                zero = f"{xp}.zeros((B,) + {shape!r}, dt)"
-                out.append(f"    {name}_run = " + (zero if key is None else f"adjoint_in(window, {key!r}, (B,) + {shape!r}, dt)"))
+                out.append(f"    {name}_run = {given or f'{xp}.zeros((B,) + {shape!r}, dt)'}")
                 continue
             out.append(f"    {name} = {xp}.empty(({past} + {T} + {fut}, {rows(d)}) + {shape!r}, dt)")
             if past:
@@ -394,8 +394,7 @@ class Emitter:
                 else:
                     out.append(f"    {name}[:{past}] = {fill}")
             if fut:
-                fill = self.fill(n) if key is None else f"adjoint_in(window, {key!r}, (B,) + {shape!r}, dt)"
-                out.append(f"    {name}[{past} + {T}:] = {fill}")
+                out.append(f"    {name}[{past} + {T}:] = {given or self.fill(n)}")
         for n in loop.nodes:  # sums over the steps, added up as the loop runs
             if n in self.plan.accumulate:
                 d = g.nodes[n]

@@ -157,8 +157,8 @@ def have_bytes() -> int | None:
     return int(limit) if limit and limit.isdigit() else available_bytes()
 
 
-def fits(need: int) -> bool:
-    have = have_bytes()
+def fits(need: int, have: int | None) -> bool:
+    """`need` bytes fit in `have` (have_bytes(); None: unknown, so yes)."""
     return have is None or need <= SHARE * have
 
 
@@ -189,7 +189,7 @@ def require_memory(need: int, what: str, hint: str | None = None) -> None:
     """Refuse, with both figures, a run that needs more than this machine has free.
     RNNC_MEMORY_LIMIT (bytes) overrides what the machine reports."""
     have = have_bytes()
-    if fits(need):
+    if fits(need, have):
         return
     raise RnncError(
         f"{what} needs about {fmt_bytes(need)}, and this machine has {fmt_bytes(have)} free",

@@ -76,16 +76,25 @@ def choose_window(m, remat: int | str | None, T: int, B: int, dtype) -> int | No
     """Steps per window for a training step of T steps: None (no checkpointing), `remat`
     steps, or for remat="auto" ⌈√T⌉ steps when the whole step would not fit in memory and
     the model can be cut into windows (else None, and the memory check says why)."""
-    from .memory import estimate, fits
+    from .memory import estimate, fits, have_bytes
 
     if remat is None:
         return None
     if remat == "auto":
-        if fits(estimate(m, T, B, dtype).total) or reason_not_windowable(m.graph) is not None:
+        if fits(estimate(m, T, B, dtype).total, have_bytes()) or reason_not_windowable(m.graph) is not None:
             return None
         return window_length(T)
     require_windowable(m)
-    return window_length(T, int(remat))
+    return window_length(T, steps_per_window(remat))
+
+
+def steps_per_window(every: Any) -> int | None:
+    """`every` as a number of steps (None: ⌈√T⌉), or a worded error."""
+    if every is None or (isinstance(every, (int, np.integer)) and not isinstance(every, bool) and every >= 1):
+        return every
+    raise RnncError(f"remat={every!r}: give a whole number of steps per window, at least 1"
+                    + (" ('auto' is for training, rnnc.train.Trainer and --remat)" if every == "auto" else ""),
+                    code="E585")  # fmt: skip
 
 
 def sliced(arrays: dict, table: dict, lo: int, hi: int) -> dict:
@@ -100,6 +109,7 @@ def loss_and_grads(m, params: dict, inputs: dict, targets: dict, every: int | No
     """m.loss_and_grads(...) with the sequence cut into windows of `every` steps (⌈√T⌉ when
     None): the same loss and gradients, with one window's activations held at a time."""
     require_windowable(m)
+    every = steps_per_window(every)
     mod = m.module
     xp = m.xp
     ((dom, _),) = m.graph.graph["domains"].items()

@@ -278,3 +278,16 @@ def test_check_prints_the_windows_memory_where_they_apply(capsys):
     assert "a training step" in plain and windows.endswith("MiB")
     assert main(["check", os.path.join(SPECS, "birnn.rnn")]) == 0
     assert "--remat" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "auto", "7", True])
+def test_a_window_that_is_no_number_of_steps_is_refused(bad):
+    """From Python (the command line's argparse refuses these with exit 2): a worded error, not
+    a TypeError from inside the driver or windows of one step."""
+    m = compile_spec(MEAN_LOSS)
+    params, inputs, targets, _ = data(m, lengths=False)
+    with pytest.raises(RnncError, match="give a whole number of steps per window") as e:
+        m.loss_and_grads(params, inputs, targets, remat=bad)
+    assert e.value.code == "E585"
+    with pytest.raises(RnncError, match="give a whole number"):
+        remat.choose_window(m, bad if bad != "auto" else 0, 10, 2, np.float32)
