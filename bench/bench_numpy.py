@@ -2,7 +2,7 @@
 interleaved; prints median times and the median over rounds of each round's ratio
 generated / hand-written (paired within a round, so machine drift cancels).
 
-    python bench/bench_numpy.py [--repeat 5] [--sizes all|small]
+    python bench/bench_numpy.py [--repeat 5] [--sizes all|small] [--target native] [--float64]
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ def main() -> None:
     ap.add_argument("--sizes", default="all")
     ap.add_argument("--cells", default="lstm,gru,rnn")
     ap.add_argument("--target", default="numpy", choices=["numpy", "native"],
-                    help="the generated code's target (native: compiled loops, rnnc[native])")  # fmt: skip
+                    help="the generated code's target (native: compiled loops)")  # fmt: skip
+    ap.add_argument("--float64", action="store_true", help="time float64 (default float32)")
     a = ap.parse_args()
+    real = np.float64 if a.float64 else np.float32
     sizes = SIZES if a.sizes == "all" else SIZES[:1]
     print(
-        f"numpy {np.__version__}; float32; target {a.target}; {a.repeat} interleaved rounds; "
+        f"numpy {np.__version__}; {np.dtype(real).name}; target {a.target}; {a.repeat} interleaved rounds; "
         "ratio = median of per-round generated / hand-written"
     )
     print(
@@ -48,11 +50,11 @@ def main() -> None:
             )
             compile_s = time.perf_counter() - t0
             rng = np.random.default_rng(0)
-            params = m.init_params(0, np.float32)
+            params = m.init_params(0, real)
             for k in params:
-                params[k] = params[k] + rng.normal(0, 0.05, params[k].shape).astype(np.float32)
-            x = rng.normal(size=(T, B, I)).astype(np.float32)
-            y = rng.normal(size=(T, B, H)).astype(np.float32)
+                params[k] = params[k] + rng.normal(0, 0.05, params[k].shape).astype(real)
+            x = rng.normal(size=(T, B, I)).astype(real)
+            y = rng.normal(size=(T, B, H)).astype(real)
             hp = from_spec(kind, params)
             hand = IMPLS[kind]
             lg, _ = m.loss_and_grads(params, {"x": x}, {"y": y})

@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SIZES = {"small": (1, 100, 64, 64), "medium": (32, 100, 256, 256), "large": (64, 50, 512, 512),
          "long": (16, 500, 128, 128)}  # fmt: skip
 CELLS = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU"}
-SYSTEMS = ["rnnc", "native", "torch", "jax", "ort"]  # rnnc: the NumPy target; native: --target native
+SYSTEMS = ["rnnc", "native", "torch", "jax", "ort"]  # rnnc: the NumPy target; native: the default target
 OURS = ("rnnc", "native")
 # --custom: cells PyTorch has no layer for, from rnnc's library, against the same cell written
 # as a PyTorch Python loop, that loop under torch.compile, and a JAX lax.scan
@@ -165,7 +165,7 @@ def calls_ort(cell, ref, x, y, I, H):
     from rnnc.export import export
     from rnnc.interop import from_torch
 
-    m = compile_spec(SPEC.format(cell=CELLS[cell], I=I, H=H))
+    m = compile_spec(SPEC.format(cell=CELLS[cell], I=I, H=H), target="numpy")  # its graph is exported
     _, p64, _ = from_torch(ref.double(), model=m)
     ref.float()
     onnx_model = export(m, {k: v.astype(np.float32) for k, v in p64.items()})
@@ -181,7 +181,7 @@ def custom_weights(cell: str, I: int, H: int):
 
     from rnnc.compiler import compile_spec
 
-    m = compile_spec(SPEC.format(cell=CUSTOM[cell], I=I, H=H))
+    m = compile_spec(SPEC.format(cell=CUSTOM[cell], I=I, H=H), target="numpy")  # the "rnnc" column
     rng = np.random.default_rng(2)
     w = {k: (v + 0.1 * rng.normal(size=v.shape)).astype(np.float32) for k, v in m.init_params(0, np.float64).items()}
     return m, w

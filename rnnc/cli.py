@@ -382,8 +382,9 @@ def cmd_train(a) -> int:
               file=sys.stderr)  # fmt: skip
     else:
         ranks = f" on {comm.size} processes" if comm.size > 1 else ""
-        print(f"trained {name} on {data.name}{ranks}: {t.s.step} steps in {t.seconds:.1f}s, "
-              f"{t.tokens / max(t.seconds, 1e-9):,.0f} tokens/s; validation loss {final:.4f}")  # fmt: skip
+        print(f"trained {name} on {data.name}{ranks}: {t.s.step} steps in {t.seconds:.1f}s "
+              f"({m.target} target), {t.tokens / max(t.seconds, 1e-9):,.0f} tokens/s; "
+              f"validation loss {final:.4f}")  # fmt: skip
         if data.name == "adding":
             print(f"  (predicting 1 always scores 0.167; this model scores {final:.4f})")
         if data.name == "text":
@@ -571,7 +572,7 @@ def cmd_convert(a) -> int:
                          ".safetensors), or back", code="E501")  # fmt: skip
     if src_torch:
         sd = read_state_dict(a.input)
-        model = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model) if a.spec else None
+        model = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model, target="numpy") if a.spec else None
         model, params, report = interop.from_torch(sd, model, a.instance, a.nonlinearity)
         save_arrays(a.output, {f"param/{k}": v for k, v in params.items()})
         if a.spec_out:
@@ -582,7 +583,7 @@ def cmd_convert(a) -> int:
         raise UsageError("converting rnnc params to torch needs --spec SPEC (the model they belong to)",
                          code="E501")  # fmt: skip
     torch = interop.require_torch()
-    model = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model)
+    model = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model, target="numpy")  # one checked batch
     params = load_params(a.input, model, np.float64)
     kind = "RNN_RELU" if a.nonlinearity == "relu" else None
     sd = interop.to_torch(model, params, a.instance, kind=kind, bias=not a.no_bias)
@@ -600,7 +601,7 @@ def cmd_export(a) -> int:
     from .data import load_params
     from .export import OPSET, export_to
 
-    m = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model)
+    m = compile_spec(a.spec, dims=parse_dims(a.dim), model=a.model, target="numpy")  # one checked batch
     params = load_params(a.params, m, np.float32) if a.params else None
     proto, err = export_to(m, a.output, params, loss=a.loss)
     print(f"wrote {a.output}: {len(proto.graph.node)} nodes, opset {OPSET}, outputs "
@@ -666,8 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         default="numpy",
         choices=["numpy", "native", "cupy"],
-        help="numpy; native (each time loop compiled by numba: pip install rnnc[native]); or cupy "
-        "(fused CUDA kernels; the code is written on any machine)",
+        help="numpy (the default here: the readable module, NumPy only); native (each time loop "
+        "compiled by numba when it runs); or cupy (fused CUDA kernels; written on any machine)",
     )
     c.add_argument("-o", "--output", help="model.py (default: stdout)")
     c.add_argument("--explain", action="store_true", help="print, per loop, the GEMMs, pointwise work, "
@@ -678,10 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", help=".npz or .safetensors with one array per input (and target)")
     c.add_argument(
         "--target",
-        default="numpy",
         choices=["numpy", "native", "cupy"],
-        help="native compiles each time loop (needs rnnc[native]); cupy runs on an NVIDIA GPU "
-        "(needs rnnc[cupy])",
+        help="native: each time loop compiled by numba (the default where numba imports; "
+        "$RNNC_TARGET sets another); numpy: no compiling; cupy: an NVIDIA GPU (needs rnnc[cupy])",
     )
     c.add_argument("--params", help=".npz or .safetensors of parameters (default: fresh from --seed); with "
                    "--train, the parameters to start from (fine-tuning)")
@@ -723,8 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=positive_int, default=32)
     c.add_argument("--repeat", type=positive_int, default=5)
     c.add_argument("--seed", type=seed_int, default=0)
-    c.add_argument("--target", default="numpy", choices=["numpy", "native", "cupy"],
-                   help="cupy times the fused GPU code (needs rnnc[cupy] and a GPU)")  # fmt: skip
+    c.add_argument("--target", choices=["numpy", "native", "cupy"],
+                   help="default: native where numba imports (or $RNNC_TARGET); cupy times the "
+                   "fused GPU code (needs rnnc[cupy] and a GPU)")  # fmt: skip
     c.add_argument("--against", metavar="SPEC", help="a second spec timed in the same rounds (same --dim): "
                    "per-step times side by side, and the ratio")  # fmt: skip
     return p
@@ -794,6 +795,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_command(a) -> int:
     try:
+        if getattr(a, "target", "") is None:  # run, bench: the default target ($RNNC_TARGET, native, numpy)
+            from .compiler import default_target
+
+            a.target = default_target()
         return COMMANDS[a.command](a)
     except UsageError as e:
         print(f"rnnc: {render(e, None)}", file=sys.stderr)

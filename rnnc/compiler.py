@@ -141,13 +141,33 @@ class Model:
 TARGETS = ("numpy", "native", "cupy")
 
 
+def numba_imports() -> bool:
+    try:
+        import numba  # noqa: F401
+    except Exception:  # ImportError, or numba refusing this NumPy: the NumPy target then
+        return False
+    return True
+
+
+def default_target() -> str:
+    """The CPU target a model gets when none is named: $RNNC_TARGET if set, else native (the
+    time loops compiled) where numba imports, else numpy."""
+    chosen = os.environ.get("RNNC_TARGET", "").strip()
+    if chosen:
+        if chosen not in TARGETS:
+            raise UsageError(f"RNNC_TARGET={chosen[:40]!r} is not a target", Span(),
+                             hint="targets: " + ", ".join(TARGETS) + "; or unset it", code="E502")  # fmt: skip
+        return chosen
+    return "native" if numba_imports() else "numpy"
+
+
 def require_numba() -> None:
     """Raise a worded error unless numba imports (the native target's compiler)."""
     try:
         import numba  # noqa: F401
-    except ImportError as e:
+    except Exception as e:  # ImportError, or numba refusing this NumPy
         raise RnncError(f"the native target needs numba, which does not import ({e})", Span(),
-                        hint='pip install "rnnc[native]", or use --target numpy', code="E503") from None
+                        hint="pip install numba, or use --target numpy", code="E503") from None
 
 
 def require_gpu() -> None:
@@ -220,16 +240,19 @@ def forward_model(program: Program, g: Graph, wanted: dict[str, int], target: st
 
 def compile_spec(
     path_or_text: str,
-    target: str = "numpy",
+    target: str | None = None,
     dims: dict[str, int] | None = None,
     model: str | None = None,
     optimize: bool = True,
     load: bool = True,
     vjp: bool = False,
 ) -> Model:
-    """Compile a spec (a path or its text) into a loaded model. target="cupy" needs CuPy and
-    a GPU to load; load=False only generates the code (any machine). vjp=True adds `vjp`:
-    loss_and_grads as a generator that pauses after the forward pass for the targets."""
+    """Compile a spec (a path or its text) into a loaded model. target: "numpy" (the readable
+    reference), "native" (the time loops compiled by numba), "cupy" (needs CuPy and a GPU to
+    load), or None: default_target(). load=False only generates the code (any machine).
+    vjp=True adds `vjp`: loss_and_grads as a generator that pauses after the forward pass for
+    the targets."""
+    target = default_target() if target is None else target
     if target not in TARGETS:
         raise RnncError(f"unknown target '{target}'", Span(), hint="targets: " + ", ".join(TARGETS),
                         code="E502")  # fmt: skip

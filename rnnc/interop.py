@@ -151,7 +151,7 @@ def from_torch(module_or_state_dict: Any, model: Model | None = None, instance: 
         sd = sd.state_dict()
     weights = as_numpy(sd)
     cfg = config_of(weights, nonlinearity or "tanh")
-    model = model or compile_spec(library_spec(cfg, instance))
+    model = model or compile_spec(library_spec(cfg, instance), target="numpy")  # one checked batch
     params = {k: np.asarray(v, np.float64) for k, v in model.init_params(0, np.float64).items()}
     for tname, rname in mapping(model, instance, cfg).items():
         if rname not in params:

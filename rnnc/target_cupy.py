@@ -13,7 +13,7 @@ from .graph import is_seq, operands
 from .interpret import context
 from .ops import CUDA_PRELUDE, OPS
 from .schedule import Loop, Plan
-from .target_numpy import NumpyTarget, at
+from .target_numpy import NumpyTarget
 
 HOST_HELPERS = ("initialize", "check_data")  # run on the host in the CuPy target too (NumPy's
 # generator; shapes only)
@@ -44,7 +44,8 @@ def to_cupy(line: str) -> str:
 
 class CupyTarget(NumpyTarget):
     name, xp = "cupy", "cp"
-    running = False  # kernels read and write rows of the adjoints' arrays
+    running = False  # kernels read and write rows of the adjoints' arrays:
+    paired = True  # two rows of a running adjoint, t % 2
 
     def fuse(self, plan: Plan, fname: str, namer) -> dict[int, list]:
         """Each loop body as array code, kernels and accumulating GEMMs."""
@@ -119,7 +120,7 @@ class CupyTarget(NumpyTarget):
         if here and u not in em.plan.stored and k == (loop.direction if t == "tn" else 0):
             return f"{em.name(u)}_t"
         past = em.plan.pads.get(u, (0, 0))[0]
-        return f"{em.name(u)}[{at(t, past - k)}]"
+        return em.row_text(u, t, past - k)
 
     def launch(self, em: Any, k: Kernel, loop: Loop, seen: set) -> None:
         for n in k.nodes:
@@ -133,8 +134,7 @@ class CupyTarget(NumpyTarget):
         for a in k.args:
             if a.out and not a.ahead and a.node in em.plan.stored and self.read_later(em, a.node, k, loop):
                 past = em.plan.pads.get(a.node, (0, 0))[0]
-                name = em.name(a.node)
-                em.lines.append(f"        {name}_t = {name}[{at('t', past)}]")
+                em.lines.append(f"        {em.name(a.node)}_t = {em.row_text(a.node, 't', past)}")
 
     def launch_call(self, em: Any, k: Kernel, loop: Loop) -> str:
         """launch(name, threads, dt, *the rows and values k reads and writes)."""
@@ -171,7 +171,7 @@ class CupyTarget(NumpyTarget):
                 em.lines.append(f"        {name}_t = {name}_rows[t % 2]")
             elif self.read_later(em, a.node, k, loop):
                 past = em.plan.pads.get(a.node, (0, 0))[0]
-                em.lines.append(f"        {name}_t = {name}[{at('t', past)}]")
+                em.lines.append(f"        {name}_t = {em.row_text(a.node, 't', past)}")
 
     def accumulate(self, em: Any, acc: Accumulate, loop: Loop, seen: set) -> None:
         """into = partial + W·x: the GEMM adds its product into the row the kernel before

@@ -28,7 +28,7 @@ from .ops import OPS
 from .target_cupy import CupyTarget
 from .target_numpy import INIT_PARAMS, NumpyTarget
 
-NATIVE_IMPORTS = "import ast\nimport inspect\nimport re\nimport textwrap\n\nimport numba\nimport numba.extending\nimport numpy as np\n"
+NATIVE_IMPORTS = "import ast\nimport inspect\nimport re\nimport textwrap\n\nimport llvmlite.ir\nimport numba\nimport numba.extending\nimport numpy as np\n"
 
 RUNTIME = r"""def native(steps):
     # a time loop compiled by numba, once per float type (cached on disk beside this file);
@@ -61,7 +61,7 @@ RUNTIME = r"""def native(steps):
                 NATIVE_WHY[steps.__name__] = why(e)
         return steps(*args)
 
-    run.steps = steps
+    run.steps, run.made = steps, made  # the loop's text; its compiled forms by float type
     return run
 
 
@@ -80,6 +80,7 @@ class Native(ast.NodeTransformer):
     # Python number as float64 and promote float32 arrays with it
     def __init__(self, typed, scalar, rows=False):
         self.typed, self.scalar = typed, scalar  # scalar: a function of numbers (the prelude)
+        self.tanh = "tanh32" if typed else "tanh64"  # float32 / float64: no libm, SIMD
         self.rows = rows  # a time loop's function: its subscript stores are arrays
 
     def visit_Subscript(self, node):
@@ -109,10 +110,13 @@ class Native(ast.NodeTransformer):
     def visit_Call(self, node):
         if isinstance(node.func, ast.Name) and node.func.id in ("range", "int", "len"):
             return node
-        if self.typed and ast.unparse(node.func) in ("np.tanh", "sigmoid_"):
-            node.func = ast.Name({"np.tanh": "tanh32", "sigmoid_": "sigmoid32_"}[ast.unparse(node.func)], ast.Load())
-            if self.scalar and node.func.id == "tanh32":
-                node.func.id = "tanh32_scalar"
+        name = ast.unparse(node.func)
+        if name == "sigmoid_":
+            node.func = ast.Name(f"sigmoid{self.tanh[-2:]}_", ast.Load())
+        elif name == "np.tanh" and self.scalar:
+            node.func = ast.Name(self.tanh + "_scalar", ast.Load())
+        elif name == "np.tanh" and self.typed:  # a float32 array's tanh (a ufunc); float64's stays NumPy's
+            node.func = ast.Name("tanh32", ast.Load())
         f, kw = node.func, {k.arg: ast.literal_eval(k.value) for k in node.keywords
                             if isinstance(k.value, (ast.Constant, ast.UnaryOp))}
         if (isinstance(f, ast.Attribute) and f.attr in ("sum", "max", "min", "mean", "var")
@@ -240,7 +244,45 @@ def tanh32_scalar(a):
     return a if abs(a) < np.float32(0.0004) else x * p / q
 
 
-tanh32 = numba.vectorize(["float32(float32)"])(tanh32_scalar.py_func)
+tanh32 = numba.vectorize(tanh32_scalar.py_func)  # compiled at its first call (float32 arrays)
+
+
+@numba.extending.intrinsic
+def double_from_bits(typingctx, n):
+    # the float64 whose bits are the int64 n (2.0 ** k is (k + 1023) << 52)
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvmlite.ir.DoubleType())
+    return numba.float64(numba.int64), codegen
+
+
+@numba.njit(inline="always", error_model="numpy")
+def exp64(a):
+    # float64 exp without libm, so that a kernel's loop vectorizes (libm's scalar exp and tanh
+    # made a float64 step slower than NumPy's SIMD ones): Cephes' rational function on
+    # |r| <= ln2 / 2, then 2 ** n from its bits; within 2 ulp of libm. Below -708.39 (where
+    # exp is subnormal) it gives 0; a NaN stays NaN
+    x = min(a, 709.08)
+    n = np.floor(x * 1.4426950408889634 + 0.5)
+    n = n if n > -1022.0 else -1022.0  # also a NaN's n: a number to convert
+    r = x - n * 6.93145751953125e-1 - n * 1.42860682030941723212e-6
+    rr = r * r
+    p = r * ((1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr + 9.99999999999999999910e-1)
+    q = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr + 2.27265548208155028766e-1) * rr + 2.0
+    e = (1.0 + 2.0 * p / (q - p)) * double_from_bits((np.int64(n) + 1023) << 52)
+    return 0.0 if a < -708.39 else e
+
+
+@numba.njit(inline="always", error_model="numpy")
+def tanh64_scalar(a):
+    # float64 tanh without libm (Cephes): an odd rational function for |a| <= 0.625, else
+    # 1 - 2 / (exp(2|a|) + 1); both computed and one chosen, so the loop vectorizes; 2 ulp
+    x = abs(a)
+    big = 1.0 - 2.0 / (exp64(2.0 * min(x, 22.0)) + 1.0)
+    z = a * a
+    p = (-9.64399179425052238628e-1 * z - 9.92877231001918586564e1) * z - 1.61468768441708447952e3
+    q = ((z + 1.12811678491632931402e2) * z + 2.23548839060100448583e3) * z + 4.84406305325125486048e3
+    small = a + a * z * p / q
+    return (big if a > 0.0 else -big) if x > 0.625 else small  # a NaN: small, NaN
 
 
 def put(dst, src):
@@ -415,6 +457,12 @@ def sigmoid32_(x):
     return 0.5 + 0.5 * np.tanh(0.5 * x)
 
 
+def sigmoid64_(x):
+    # float64 sigmoid through exp64 (no libm: the loop vectorizes), as sigmoid_ computes it
+    e = exp64(-abs(x))
+    return (e if x < 0.0 else 1.0) / (1.0 + e)
+
+
 def relu_(x):
     return x if x > 0.0 or x != x else 0.0 * x
 
@@ -539,7 +587,7 @@ class NativeTarget(CupyTarget):
     its kernels by numba."""
 
     name, xp = "native", "np"
-    running = False  # kernels read and write rows of the adjoints' arrays
+    running = False  # kernels read and write rows of the adjoints' arrays (two rows: paired)
 
     # host arrays: helpers, parameters and carries as the NumPy target has them
     helper, prologue, param = NumpyTarget.helper, NumpyTarget.prologue, NumpyTarget.param

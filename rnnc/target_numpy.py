@@ -22,6 +22,7 @@ def at(t: str, k: int) -> str:
 class NumpyTarget:
     name, xp = "numpy", "np"  # the target's name, and the array module generated code calls
     running = True  # keeps a plan's running adjoints as one [B, ...] value (Plan.running)
+    paired = False  # (a target whose kernels read and write rows keeps two rows of them)
 
     def fuse(self, plan: Plan, fname: str, namer) -> dict[int, list]:
         """Loop index -> its body as node lists (array code) and the target's own items

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import syntax as S
-from .compiler import Model, compile_spec, read_spec
+from .compiler import Model, compile_spec, default_target, read_spec
 from .errors import RnncError
 from .format import format_program
 from .parse import parse
@@ -69,7 +69,7 @@ class Module(torch.nn.Module):
         self.recompute, self.target, self.remat = recompute or bool(remat), target, remat
         self.text, self.file = read_spec(spec)
         self.dims, self.model = dims, model
-        fwd = compile_spec(self.text, dims=dims, model=model)
+        fwd = compile_spec(self.text, target="numpy", dims=dims, model=model)
         g = fwd.graph
         if output not in g.graph["outputs"]:
             raise RnncError(f"the model has no output '{output}' (its outputs: "
@@ -110,7 +110,7 @@ class Module(torch.nn.Module):
 
     def target_for(self, x) -> str:
         """The target given, or the one for the tensors' device: CuPy for a CUDA tensor."""
-        want = self.target or ("cupy" if x.device.type == "cuda" else "numpy")
+        want = self.target or ("cupy" if x.device.type == "cuda" else default_target())
         if want != "cupy" and x.device.type != "cpu":
             raise RnncError(f"the {want} target runs on the CPU; these tensors are on {x.device} "
                             "(target='cupy' runs on CUDA devices)", code="E574")  # fmt: skip

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from rnnc.cli import main
+from rnnc.compiler import compile_spec
+from rnnc.errors import RnncError
 
 SPECS = os.path.join(os.path.dirname(__file__), "..", "specs")
 ELMAN = os.path.join(SPECS, "elman.rnn")
@@ -211,7 +213,45 @@ def test_the_native_target_without_numba_says_what_to_install(monkeypatch, capsy
                  "--task", "adding", "--steps", "1", "--quiet"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 1 and "error[E503]: the native target needs numba" in err
-    assert 'pip install "rnnc[native]"' in err and "Traceback" not in err
+    assert "pip install numba" in err and "Traceback" not in err
     # the code itself is written on any machine
     assert main(["compile", os.path.join(SPECS, "elman.rnn"), "--target", "native"]) == 0
     assert "@native" in capsys.readouterr().out
+
+
+def test_the_default_target_is_native_where_numba_imports_else_numpy(monkeypatch):
+    from rnnc.compiler import default_target
+
+    elman = os.path.join(SPECS, "elman.rnn")
+    monkeypatch.delenv("RNNC_TARGET")  # the suite's own setting (conftest.py)
+    pytest.importorskip("numba", reason="numba is a dependency; this checks the default with it")
+    assert default_target() == "native" and compile_spec(elman, load=False).target == "native"
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now fails: no native target
+    assert default_target() == "numpy" and compile_spec(elman).target == "numpy"
+    monkeypatch.setenv("RNNC_TARGET", "native")  # named, it is required
+    with pytest.raises(RnncError, match="the native target needs numba"):
+        compile_spec(elman)
+    monkeypatch.setenv("RNNC_TARGET", " numpy ")
+    assert compile_spec(elman).target == "numpy"
+
+
+def test_rnnc_target_names_the_default_and_a_wrong_one_is_misuse(monkeypatch, capsys):
+    pytest.importorskip("numba", reason="the native target needs numba")
+    elman = os.path.join(SPECS, "elman.rnn")
+    monkeypatch.delenv("RNNC_TARGET")
+    run = ["run", os.path.join(SPECS, "adding_rnn.rnn"), "--train", "--task", "adding", "--steps", "2",
+           "--batch", "4", "--quiet"]
+    assert main(run) == 0
+    assert "(native target)" in capsys.readouterr().out
+    assert main([*run, "--target", "numpy"]) == 0
+    assert "(numpy target)" in capsys.readouterr().out
+    monkeypatch.setenv("RNNC_TARGET", "numpy")
+    assert main(run) == 0
+    assert "(numpy target)" in capsys.readouterr().out
+    monkeypatch.setenv("RNNC_TARGET", "gpu")
+    assert main(run) == 2
+    err = capsys.readouterr().err
+    assert "RNNC_TARGET='gpu' is not a target" in err and "numpy, native, cupy" in err
+    with pytest.raises(RnncError, match="RNNC_TARGET='gpu'") as e:
+        compile_spec(elman)
+    assert e.value.code == "E502"

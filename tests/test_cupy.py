@@ -211,7 +211,7 @@ def test_every_row_reduction_fuses_and_equals_numpy(name):
         assert "block=4" in lines[-1] or any("block=4" in ln for ln in lines)
 
 
-ROW_READ_GEMM_STORE = r"\w+_t = (\w+\[t\]|.* @ \w+(\.T)?)|\w+\[t( [+-] \d+)?\] = \w+_t"
+ROW_READ_GEMM_STORE = r"\w+_t = (\w+\[t\]|.* @ \w+(\.T)?)|\w+\[(t( [+-] \d+)?|t % 2)\] = \w+_t"
 
 
 def loop_body(code: str, head: str) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -79,6 +80,51 @@ def test_float32_tanh_is_within_8_ulp_of_libm():
     assert np.max(np.abs(got - want) / ulp) <= 8
     assert np.array_equal(m.module.tanh32(-x), -y)  # odd
     assert np.all(np.abs(y) <= 1)
+
+
+def test_float64_tanh_exp_and_sigmoid_are_within_2_ulp_of_libm():
+    """float64 kernels compute tanh, sigmoid and exp without libm (exp64, tanh64_scalar), so
+    that their loops vectorize; against Python's math (libm), element by element."""
+    m = compile_spec(os.path.join(ROOT, "bench", "specs", "rnn_layer.rnn"), dims={"I": 2, "H": 2},
+                     target="native")  # fmt: skip
+    rng = np.random.default_rng(7)
+    x = np.concatenate([np.linspace(-25, 25, 20_001), rng.normal(0, 1e-3, 2000), rng.normal(0, 3, 2000),
+                        [0.0, -0.0, 0.625, -0.625, np.nextafter(0.625, 1), 1e-300, 5e-324, 19.1, 23.0, 800.0]])  # fmt: skip
+    vec = {f: numba.vectorize(["float64(float64)"])(getattr(m.module, f).py_func) for f in ("tanh64_scalar", "exp64")}
+    ulps = lambda got, want: np.abs(got - want) / np.spacing(np.maximum(np.abs(want), 2.2250738585072014e-308))  # noqa: E731
+    t = vec["tanh64_scalar"](x)
+    assert np.max(ulps(t, np.array([math.tanh(v) for v in x]))) <= 2
+    assert np.array_equal(vec["tanh64_scalar"](-x), -t) and np.all(np.abs(t) <= 1)
+    e_in = np.concatenate([np.linspace(-708.3, 709.0, 20_001), rng.normal(0, 1, 2000), [0.0, -1e-300]])
+    assert np.max(ulps(vec["exp64"](e_in), np.array([math.exp(v) for v in e_in]))) <= 2
+    assert vec["exp64"](np.array([-709.0, -1e4, -np.inf])).tolist() == [0.0, 0.0, 0.0]  # below 2**-1022
+    special = np.array([np.nan, np.inf, -np.inf])
+    with np.errstate(invalid="ignore"):  # inf / inf in the branch not taken
+        assert np.isnan(vec["exp64"](special[:1])).all()
+        assert np.isnan(vec["tanh64_scalar"](special[:1])).all()
+        assert vec["tanh64_scalar"](special[1:]).tolist() == [1.0, -1.0]
+    sig = numba.vectorize(["float64(float64)"])(m.module.sigmoid64_)
+    want = np.array([1 / (1 + math.exp(-v)) if v > -700 else math.exp(v) for v in x])
+    assert np.max(np.abs(sig(x) - want) / np.maximum(want, 1e-300)) < 1e-15 * 4
+
+
+def test_a_float64_step_calls_no_libm_tanh_or_exp(tmp_path, monkeypatch):
+    """The float64 LSTM step's compiled code calls no libm tanh or exp (whose scalar calls
+    kept its kernels from vectorizing) and works on vectors of doubles, as float32's on floats."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # compiled now: numba inspects no cached code
+    m = compile_spec(os.path.join(ROOT, "bench", "specs", "lstm_layer.rnn"), dims={"I": 8, "H": 64},
+                     target="native")  # fmt: skip
+    _Ts, params, inputs, targets, _L = random_data(m.graph, 4, 2, seed=1)
+    m.loss_and_grads(params, inputs, targets)
+    steps = [run for name, run in vars(m.module).items() if name.startswith("loss_and_grads_steps")]
+    assert len(steps) == 2  # forward and backward
+    for run in steps:
+        ir = "\n".join(run.made[np.dtype(np.float64)].inspect_llvm().values())
+        called = set(re.findall(r"call [^@]*@\"?([A-Za-z_.0-9]+)", ir))
+        assert not called & {"tanh", "exp", "llvm.exp.f64", "numba_tanh", "numba_exp"}, called
+        assert re.search(r"<(4|8) x double>", ir), run.steps.__name__  # a vectorized kernel
 
 
 def test_a_loop_numba_cannot_type_runs_as_python_and_says_why():
@@ -189,7 +235,7 @@ def test_a_loop_stores_its_rows_without_numbas_slice_assignment(tmp_path, monkey
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # a cold disk cache
     path = os.path.join(ROOT, "bench", "specs", "lstm_layer.rnn")
     m = compile_spec(path, target="native", dims={"I": 3, "H": 5})
-    assert "dh_h_next[t] = dh_h_next_t" in m.source  # the text keeps the NumPy target's statement
+    assert "dh_h_next[t % 2] = dh_h_next_t" in m.source  # the text keeps the NumPy target's statement (two rows)
     rng = np.random.default_rng(0)
     params = m.init_params(0, np.float32)
     x, y = rng.normal(size=(4, 2, 3)).astype(np.float32), rng.normal(size=(4, 2, 5)).astype(np.float32)
@@ -201,3 +247,35 @@ def test_a_loop_stores_its_rows_without_numbas_slice_assignment(tmp_path, monkey
     want = compile_spec(path, dims={"I": 3, "H": 5}).loss_and_grads(params, {"x": x}, {"y": y})
     assert abs(loss - want[0]) <= 1e-5 * abs(want[0])
     assert all(rel(grads[k], want[1][k]) < 1e-5 for k in grads)
+
+
+@pytest.mark.parametrize("steps", [5, 6])
+def test_the_adjoint_handed_to_the_step_before_is_two_rows_not_t_plus_1(steps):
+    """dh and dc of the LSTM's backward loop: rows t % 2 of a [2, B, H] buffer (this step's and
+    the next one's), where the NumPy target keeps one running value; odd and even T."""
+    path = os.path.join(ROOT, "bench", "specs", "lstm_layer.rnn")
+    ref, m = both(path, {"I": 3, "H": 5})
+    for name in ("dh_c_next", "dh_h_next"):
+        assert f"{name} = np.empty((2, B) + (5,), dt)" in m.source
+        assert f"{name}[T_x % 2] = adjoint_in(window" in m.source
+    _Ts, params, inputs, targets, L = random_data(ref.graph, steps, 3, seed=5, lengths=True)
+    init = {"h.c.init": np.full((3, 5), 0.3), "h.h.init": np.full((3, 5), -0.2)}
+    loss0, g0 = ref.loss_and_grads(params, {**inputs, **init}, targets, lengths=L)
+    loss1, g1 = m.loss_and_grads(params, {**inputs, **init}, targets, lengths=L)
+    assert abs(loss1 - loss0) <= 1e-12 * abs(loss0)
+    assert all(rel(g1[k], g0[k]) < 1e-12 for k in g0) and {"h.c.init", "h.h.init"} <= set(g1)
+
+
+def test_loading_a_native_module_compiles_nothing(tmp_path, monkeypatch):
+    """numba compiles a loop at its first call, not when the module loads: a process that
+    finds the loops in the disk cache pays for no compiling at all (an eagerly typed ufunc
+    cost every load ~0.7 s)."""
+    import tempfile
+
+    from numba.core.event import install_recorder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with install_recorder("numba:compile") as rec:
+        m = compile_spec(os.path.join(ROOT, "bench", "specs", "gru_layer.rnn"), dims={"I": 3, "H": 4},
+                         target="native")  # fmt: skip
+    assert m.module.NATIVE == {} and not rec.buffer, [str(e.data.get("dispatcher")) for _, e in rec.buffer]
