@@ -148,7 +148,7 @@ def test_additive_attention_equals_pytorch_by_hand():
 
 
 def test_the_encoder_projection_is_one_gemm_before_the_decoder_loop():
-    m = compile_spec(spec_path("attention_additive"), dims=DIMS)
+    m = compile_spec(spec_path("attention_additive"), dims=DIMS, target="numpy")  # its text is read
     g = m.plans["forward"].graph
     steps = m.plans["forward"].steps
     keys = next(i for i, s in enumerate(steps) if isinstance(s, Once) and g.nodes[s.node]["name"] == "keys")
@@ -404,7 +404,7 @@ def test_the_natural_wrong_spec_is_refused_not_run_on_the_decoders_clock(tmp_pat
 def test_sums_over_decoder_steps_run_inside_the_backward_loop():
     """What each decoder step sends back to e[s] is added up as the loop runs: two running
     [S, B, H] values, not [T, S, B, H] arrays of the terms kept for a sum after the loop."""
-    m = compile_spec(spec_path("attention_dot"), dims={"H": 8})
+    m = compile_spec(spec_path("attention_dot"), dims={"H": 8}, target="numpy")  # its text is read
     plan = m.plans["loss_and_grads"]
     assert len(plan.accumulate) == 2 and not plan.accumulate & plan.stored
     src = m.source[m.source.index("def loss_and_grads(") :]

@@ -19,7 +19,7 @@ from helpers import random_data, rel, small_dims
 from rnnc.cli import main
 from rnnc.compiler import compile_spec
 
-numba = pytest.importorskip("numba", reason="the native target needs numba (pip install rnnc[native])")
+numba = pytest.importorskip("numba", reason="the native target needs numba (pip install numba)")
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 BENCH = sorted(glob.glob(os.path.join(ROOT, "bench", "specs", "*.rnn")))

@@ -166,7 +166,7 @@ def test_random_cells_windowed_equal_plain_or_are_refused(case):
 
 
 def test_the_native_target_windows_equal_plain():
-    pytest.importorskip("numba", reason="the native target needs numba (rnnc[native])")
+    pytest.importorskip("numba", reason="the native target needs numba (pip install numba)")
     path = os.path.join(SPECS, "lstm_zoneout.rnn")  # its adjoints are arrays, not running values
     m = compile_spec(path, dims=small_dims(path), target="native")
     params, inputs, targets, L = data(m)

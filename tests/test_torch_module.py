@@ -37,7 +37,19 @@ def copy_from(cell: rt.Module, ref) -> None:
 
 def native_if(target):
     if target == "native":
-        pytest.importorskip("numba", reason="the native target needs numba (pip install '.[native]')")
+        pytest.importorskip("numba", reason="the native target needs numba (pip install numba)")
+
+
+def test_cpu_tensors_run_on_the_default_target(monkeypatch):
+    """target=None: CPU tensors take rnnc's default target (native where numba imports, or
+    $RNNC_TARGET), as rnnc.compile does; the tests' own setting is the NumPy target."""
+    cell = rt.Module(LSTM_SPEC)
+    x = torch.zeros(2, 1, 3)
+    assert cell.target_for(x) == "numpy"  # RNNC_TARGET=numpy (conftest.py)
+    monkeypatch.delenv("RNNC_TARGET")
+    native_if("native")
+    assert cell.target_for(x) == "native"
+    assert rt.Module(LSTM_SPEC, target="numpy").target_for(x) == "numpy"
 
 
 @pytest.mark.parametrize("target", [None, "native"])
@@ -182,10 +194,11 @@ def test_windows_in_the_backward_pass_remat(monkeypatch):
     drawn, its gradients equal the taped module's; a cell that cannot be cut is refused."""
     torch.manual_seed(4)
     cell = rt.Module(CUSTOM, dtype=torch.float64, remat=2).eval()
-    windows, plain = [], cell.bwd.module.loss_and_grads
-    monkeypatch.setattr(cell.bwd.module, "loss_and_grads",
-                        lambda *a, **k: windows.append(k.get("window")) or plain(*a, **k))  # fmt: skip
     x = torch.randn(7, 3, 3, dtype=torch.float64, requires_grad=True)
+    bwd = cell.models(cell.target_for(x))[1]  # the VJP's model of the target x runs on
+    windows, plain = [], bwd.module.loss_and_grads
+    monkeypatch.setattr(bwd.module, "loss_and_grads",
+                        lambda *a, **k: windows.append(k.get("window")) or plain(*a, **k))  # fmt: skip
     h0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     L = np.array([7, 1, 4])
     assert torch.autograd.gradcheck(lambda x, h0, *p: cell(x, lengths=L, init={"h.h.init": h0}),
