@@ -483,7 +483,7 @@ def cmd_gradcheck(a) -> int:
 
     report = gradcheck(a.spec, dims=parse_dims(a.dim), model=a.model, T=a.steps, batch=a.batch,
                        seed=a.seed, eps=a.eps, directions=a.directions,
-                       lengths=not a.no_lengths)  # fmt: skip
+                       lengths=not a.no_lengths, target=a.target)  # fmt: skip
     print(f"{'tensor':24s} {'shape':14s} {'directions':>10s} {'rel. error':>11s}")
     bad = [r for r in report if not r.error <= a.tol]  # NaN fails too
     for row in report:
@@ -718,6 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random directions per tensor (default 8)")  # fmt: skip
     c.add_argument("--no-lengths", action="store_true",
                    help="every sequence full length (default: random lengths)")  # fmt: skip
+    c.add_argument("--target", default="numpy", choices=["numpy", "native"],
+                   help="the code checked (default numpy, the reference: no loops to compile)")  # fmt: skip
     c = spec_cmd("bench", "time forward and forward+backward")
     c.add_argument("--steps", type=positive_int, default=100)
     c.add_argument("--batch", type=positive_int, default=32)

@@ -126,14 +126,16 @@ TOL = 1e-7  # the default bar; an error at round-off level reports below it
 
 
 def gradcheck(spec: str | Model, dims=None, model=None, T=5, batch=2, seed=0, eps=None,
-              directions=8, lengths=True) -> list[Row]:  # fmt: skip
-    """One row per tensor and one over all tensors; see the module's docstring."""
+              directions=8, lengths=True, target: str = "numpy") -> list[Row]:  # fmt: skip
+    """One row per tensor and one over all tensors; see the module's docstring. A spec is
+    compiled for `target`: by default the NumPy target, the reference, which checks at once
+    (the native target equals it to 1e-12, tests/test_native.py, but compiles its loops first)."""
     with np.errstate(all="ignore"):  # a NaN or overflow is reported in the rows, not warned
-        return check_all(spec, dims, model, T, batch, seed, eps, directions, lengths)
+        return check_all(spec, dims, model, T, batch, seed, eps, directions, lengths, target)
 
 
-def check_all(spec, dims, model, T, batch, seed, eps, directions, lengths) -> list[Row]:
-    m = spec if isinstance(spec, Model) else compile_spec(spec, dims=dims, model=model)
+def check_all(spec, dims, model, T, batch, seed, eps, directions, lengths, target) -> list[Row]:
+    m = spec if isinstance(spec, Model) else compile_spec(spec, target=target, dims=dims, model=model)
     if m.grad_graph is None:
         require_loss(m.graph)  # a worded error: there is nothing to differentiate
     require_memory(estimate(m, T, batch, np.float64).total,

@@ -40,6 +40,9 @@ class Namer:
         self.names: dict[int, str] = {}
         self.taken = set(dir(kernels)) | set(dir(builtins)) | set(keyword.kwlist) | {"np", "params", "inputs", "targets", "lengths", "carry",
                                           "dt", "B", "t", "rng", "out", "grads"}  # fmt: skip
+        # every target's own module names (the native prelude's tanh, CuPy's launch): the
+        # same names in every target's code
+        self.taken |= NativeTarget.reserved() | CupyTarget.reserved()
 
     def __call__(self, n: int) -> str:
         if n not in self.names:
@@ -172,10 +175,11 @@ class Emitter:
     def inlined(self) -> set[int]:
         g, plan = self.g, self.plan
         keep = {n for s in plan.steps for n in ([s.node] if isinstance(s, Once) else s.nodes)}
+        read = {a.node for k in self.kernels for a in k.args}  # a kernel reads a variable
         out = set()
         for n in keep:
             d = g.nodes[n]
-            if d["name"] or OPS[d["op"]].kind == "leaf" or n in plan.wanted.values():
+            if d["name"] or OPS[d["op"]].kind == "leaf" or n in plan.wanted.values() or n in read:
                 continue
             if n in plan.stored or plan.pads.get(n, (0, 0)) != (0, 0):
                 continue

@@ -46,6 +46,7 @@ class CupyTarget(NumpyTarget):
     name, xp = "cupy", "cp"
     running = False  # kernels read and write rows of the adjoints' arrays:
     paired = True  # two rows of a running adjoint, t % 2
+    texts = (CUPY_LAUNCH, "import functools\nimport cupy as cp\nfrom cupy import cublas\nPRELUDE = KERNELS = None")
 
     def fuse(self, plan: Plan, fname: str, namer) -> dict[int, list]:
         """Each loop body as array code, kernels and accumulating GEMMs."""

@@ -588,6 +588,7 @@ class NativeTarget(CupyTarget):
 
     name, xp = "native", "np"
     running = False  # kernels read and write rows of the adjoints' arrays (two rows: paired)
+    texts = (NATIVE_IMPORTS, RUNTIME, SCALAR_PRELUDE, "NATIVE = NATIVE_WHY = HELPERS = SCALAR = None")
 
     # host arrays: helpers, parameters and carries as the NumPy target has them
     helper, prologue, param = NumpyTarget.helper, NumpyTarget.prologue, NumpyTarget.param

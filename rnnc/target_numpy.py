@@ -22,6 +22,23 @@ def at(t: str, k: int) -> str:
 class NumpyTarget:
     name, xp = "numpy", "np"  # the target's name, and the array module generated code calls
     running = True  # keeps a plan's running adjoints as one [B, ...] value (Plan.running)
+    texts: tuple[str, ...] = ()  # module-level code the target adds (its names are taken)
+
+    @classmethod
+    def reserved(cls) -> set[str]:
+        """The names the target's own module code defines or imports: no value may take one."""
+        import ast
+
+        out = {cls.xp}
+        for text in cls.texts:
+            for node in ast.parse(text).body:
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                    out.add(node.name)
+                elif isinstance(node, ast.Assign):
+                    out |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+                elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                    out |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        return out
     paired = False  # (a target whose kernels read and write rows keeps two rows of them)
 
     def fuse(self, plan: Plan, fname: str, namer) -> dict[int, list]:

@@ -279,3 +279,33 @@ def test_loading_a_native_module_compiles_nothing(tmp_path, monkeypatch):
         m = compile_spec(os.path.join(ROOT, "bench", "specs", "gru_layer.rnn"), dims={"I": 3, "H": 4},
                          target="native")  # fmt: skip
     assert m.module.NATIVE == {} and not rec.buffer, [str(e.data.get("dispatcher")) for _, e in rec.buffer]
+
+
+# random cells the whole suite on the native target found (tests/test_random_cells.py): a value
+# named for its op (`tanh`) took the name of the native prelude's scalar tanh, and a kernel read
+# the source of a slice that the emitter had folded into the slice's statement (never assigned)
+FOUND_BY_RANDOM_CELLS = [
+    "cell C(x[I]) -> e2[H] {\n  param U[H, I], b[H], P[3*H, I], W3[H, H], W4[H, H], W5[H, H]\n  e0 = U @ x + e0[t-1] + e1[t-1]\n  e1 = sigmoid(e1[t-3]) * tanh(U @ x)\n  e2 = tanh(tanh(U @ x) + e2[t-1])\n}\nmodel m {\n  dim H = 1, I = 1, K = 2, F = 2\n  input x[I] : sequence\n  target y[K] : sequence\n  param Wy[K, H], by[K]\n  h = C(x, H=H, init=learned)\n  loss = mse(Wy @ h + by, y)\n}\n",
+    "cell C(x[I]) -> e1[H] {\n  param U[H, I], b[H], P[3*H, I], W3[H, H], A4[H, I], W5[H, H], A6[H, I], W7[H, H]\n  e0 = sigmoid(U @ x[t-2]) * tanh(tanh(A4 @ x + W3 @ e1[t-2]) + tanh(A6 @ x + W5 @ e0[t-3]))\n  e1 = tanh((P @ x)[2*H:3*H] + e1[t-3] + e1[t-1])\n}\nmodel m {\n  dim H = 1, I = 1, K = 3, F = 2\n  input x[I] : sequence\n  target y[K] : sequence\n  param Wy[K, H], by[K], h0[H], Ug[H, I], Wg[H, H], Vg[K, H]\n  h = C(x, H=H, init=h0)\n  g = tanh(Ug @ x + Wg @ g[t+1])\n  loss = mse(Wy @ h + Vg @ g + by, y)\n}\n",
+]
+
+
+@pytest.mark.parametrize("text", FOUND_BY_RANDOM_CELLS, ids=["name-tanh", "slice-source"])
+def test_random_cells_that_broke_the_native_target(text):
+    ref, m = both(text, {})
+    _Ts, params, inputs, targets, _L = random_data(ref.graph, 7, 3, seed=1)
+    loss0, g0 = ref.loss_and_grads(params, inputs, targets, with_inputs=True)
+    loss1, g1 = m.loss_and_grads(params, inputs, targets, with_inputs=True)
+    assert abs(loss1 - loss0) <= 1e-12 * abs(loss0)
+    assert all(rel(g1[k], g0[k]) < 1e-12 for k in g0)
+    assert all(m.module.NATIVE.values()), m.module.NATIVE_WHY
+
+
+def test_no_value_takes_a_name_a_target_module_defines():
+    from rnnc.lower import Namer
+    from rnnc.target_cupy import CupyTarget
+    from rnnc.target_numba import NativeTarget
+
+    taken = Namer(compile_spec(FOUND_BY_RANDOM_CELLS[0], load=False).graph).taken
+    assert {"tanh", "exp", "flat", "put", "matmul", "native", "launch", "kernel"} <= taken
+    assert NativeTarget.reserved() | CupyTarget.reserved() <= taken
